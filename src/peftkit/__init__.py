@@ -1,0 +1,36 @@
+"""peftkit: parameter-efficient fine-tuning of pretrained models.
+
+Wrap a model in two lines, train only the adapter, save a file of megabytes that
+Hugging Face PEFT also reads::
+
+    from peftkit import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"]))
+"""
+
+from peftkit.config import PeftConfig, PeftType, TargetedConfig, TaskType
+from peftkit.core.registry import Method, get_method, list_methods, register_method
+from peftkit.core.state import AdapterStateError, get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.core.targeting import TargetError
+from peftkit.methods.lora import LoraConfig
+from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterStateError",
+    "LoraConfig",
+    "Method",
+    "PeftConfig",
+    "PeftModel",
+    "PeftType",
+    "TargetError",
+    "TargetedConfig",
+    "TaskType",
+    "get_method",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "list_methods",
+    "register_method",
+    "set_peft_model_state_dict",
+]

@@ -1,0 +1,1 @@
+"""Core: target matching, injection, adapter registry, state dicts and files."""

@@ -1,0 +1,60 @@
+"""``modules_to_save``: modules trained in full (e.g. a new classification head).
+
+Each adapter gets its own trainable copy of the module; the original stays untouched and
+is used when adapters are disabled. Files store the copy under the module's own path
+(``base_model.model.classifier.weight``), as Hugging Face PEFT does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.core.layer import AdapterLayer
+
+__all__ = ["ModulesToSaveWrapper"]
+
+
+class ModulesToSaveWrapper(AdapterLayer):
+    adapter_containers = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def add_adapter(self, adapter_name: str, config: Any = None, module_name: str = "") -> None:
+        trained = copy.deepcopy(self.base_layer)
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter_name] = trained
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        if adapter_name not in self.modules_to_save:
+            return {}
+        return dict(self.modules_to_save[adapter_name].named_parameters())
+
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Nothing to fold: the trained copy already replaces the module."""
+
+    def unload(self, merge: bool) -> nn.Module:
+        if merge and self.active_adapters:
+            return self.modules_to_save[self.active_adapters[0]]
+        return self.base_layer
+
+    def _module_for(self, name: str | None) -> nn.Module:
+        return self.base_layer if name is None else self.modules_to_save[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        groups = self.example_groups(x.shape[0]) if self.example_adapters is not None else None
+        if groups is not None:
+            out = self.base_layer(x, *args, **kwargs)
+            out = out.clone()
+            for name, idx in groups:
+                out[idx] = self.modules_to_save[name](x[idx], *args, **kwargs)
+            return out
+        active = self.adapters_to_run()
+        return self._module_for(active[0] if active else None)(x, *args, **kwargs)

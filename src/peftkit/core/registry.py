@@ -1,0 +1,89 @@
+"""The method registry: one entry per method, registered by the method's own package.
+
+Shared code looks methods up here by their ``peft_type`` and never names one. A method
+that needs special treatment adds a hook to its :class:`Method` entry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from peftkit.config import PeftConfig
+    from peftkit.core.layer import AdapterLayer
+
+__all__ = ["Method", "register_method", "get_method", "list_methods"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method plugs into the core.
+
+    Args:
+        peft_type: identifier written in ``adapter_config.json``.
+        config_cls: the method's config dataclass.
+        description: one line, shown by ``peftkit methods``.
+        supported: human-readable list of the module types the method can wrap.
+        is_supported: whether a module can be wrapped.
+        create_layer: ``(module, adapter_name, config, module_name) -> AdapterLayer``
+            wraps a target module with a new adapter.
+        trainable_base_parameters: ``(model, config, target_names) -> [param names]`` of
+            existing parameters the method trains and saves with the adapter (e.g. biases).
+        default_targets: ``(model) -> target spec`` used when ``target_modules`` is None.
+    """
+
+    peft_type: str
+    config_cls: type[PeftConfig]
+    description: str
+    supported: str
+    is_supported: Callable[[nn.Module], bool]
+    create_layer: Callable[[nn.Module, str, Any, str], AdapterLayer]
+    trainable_base_parameters: Callable[[nn.Module, Any, list[str]], list[str]] | None = None
+    default_targets: Callable[[nn.Module], Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Method] = {}
+# Built-in methods register themselves when their package is imported.
+_BUILTIN_PACKAGES = ("peftkit.methods.lora",)
+
+
+def register_method(method: Method) -> Method:
+    """Adds a method to the registry (idempotent for the same config class)."""
+    existing = _REGISTRY.get(method.peft_type)
+    if existing is not None and existing.config_cls is not method.config_cls:
+        raise ValueError(f"peft_type {method.peft_type!r} is already registered by {existing.config_cls}")
+    _REGISTRY[method.peft_type] = method
+    return method
+
+
+def _load_builtins() -> None:
+    for name in _BUILTIN_PACKAGES:
+        importlib.import_module(name)
+
+
+def get_method(peft_type: str) -> Method:
+    """The registered method for ``peft_type`` (e.g. ``"LORA"``)."""
+    _load_builtins()
+    key = str(getattr(peft_type, "value", peft_type))
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key.upper(), list(_REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown peft_type {key!r}{hint} Known methods: {sorted(_REGISTRY)}")
+    return _REGISTRY[key]
+
+
+def method_for_config(config: PeftConfig) -> Method:
+    return get_method(type(config).peft_type)
+
+
+def list_methods() -> dict[str, str]:
+    """``{peft_type: one-line description}`` for every registered method."""
+    _load_builtins()
+    return {name: m.description for name, m in sorted(_REGISTRY.items())}

@@ -1,0 +1,103 @@
+"""Adapter state dicts in the key layout of Hugging Face PEFT files.
+
+Keys are full module paths plus the parameter's key inside its adapter container with the
+adapter name removed: ``base_model.model.<path>.lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from peftkit.core.layer import adapter_layers
+from peftkit.core.tuner import AdaptedModel, adapter_base_parameter_names
+
+__all__ = ["get_peft_model_state_dict", "set_peft_model_state_dict", "AdapterStateError"]
+
+
+class AdapterStateError(ValueError):
+    """An adapter file that does not fit the model."""
+
+
+def _roots(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the adapters and the key prefix of its parameters."""
+    base = model._modules.get("base_model")
+    if isinstance(base, AdaptedModel):
+        return base.model, "base_model.model."
+    return model, ""
+
+
+def _expected(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    root, prefix = _roots(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(root):
+        for key, tensor in layer.adapter_state_dict(adapter_name).items():
+            out[f"{prefix}{name}.{key}" if name else f"{prefix}{key}"] = tensor
+    params = dict(root.named_parameters())
+    for pname in adapter_base_parameter_names(root, adapter_name):
+        if pname in params:
+            out[prefix + pname] = params[pname]
+    return out
+
+
+def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as in a saved file (detached, not copied)."""
+    state = {k: v.detach() for k, v in _expected(model, adapter_name).items()}
+    if not state:
+        raise ValueError(f"the model holds no adapter named {adapter_name!r}")
+    return state
+
+
+def set_peft_model_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> list[str]:
+    """Loads ``state`` (keys as in a file) into adapter ``adapter_name``.
+
+    Every key and shape is checked before the first tensor is copied. Keys that address a
+    base-model parameter (an embedding saved beside its adapter, say) are loaded into it.
+
+    Returns:
+        The keys that were loaded into base-model parameters.
+
+    Raises:
+        AdapterStateError: naming the key and both shapes, a missing key, or an unexpected
+            key with the closest expected ones.
+    """
+    expected = _expected(model, adapter_name)
+    if not expected:
+        raise AdapterStateError(f"the model holds no adapter named {adapter_name!r}")
+    root, prefix = _roots(model)
+    base_params = {prefix + n: p for n, p in root.named_parameters()}
+    # A file may address the wrapped base of a layer (`x.base_layer.weight`) or the plain path.
+    plan: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    base_keys: list[str] = []
+    for key, value in state.items():
+        target = expected.get(key)
+        if target is None:
+            target = base_params.get(key)
+            if target is None and key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[-1] in base_params:
+                target = base_params[key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[-1]]
+            if target is None:
+                close = difflib.get_close_matches(key, list(expected), n=3, cutoff=0.6)
+                raise AdapterStateError(
+                    f"unexpected key {key!r} in the adapter file: the model has no such adapter tensor"
+                    + (f" (closest: {close})" if close else "")
+                    + "; the adapter was made for a different model or target modules"
+                )
+            base_keys.append(key)
+        if tuple(value.shape) != tuple(target.shape):
+            raise AdapterStateError(
+                f"{key}: the file holds shape {tuple(value.shape)} but the model expects {tuple(target.shape)}; "
+                "the adapter was made for a different model or config (rank, target modules)"
+            )
+        plan.append((key, target, value))
+    missing = sorted(k for k in expected if k not in state)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise AdapterStateError(f"the adapter file lacks {shown}: it is incomplete or for another config")
+    with torch.no_grad():
+        for _, target, value in plan:
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+    return base_keys

@@ -1,0 +1,246 @@
+"""Injection and lifecycle of adapters in a model: match, check, then mutate.
+
+These functions act on the user's model in place and are shared by :class:`PeftModel`
+and :func:`inject_adapter_in_model`. None of them names a method: everything
+method-specific comes from the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from peftkit.config import PeftConfig
+from peftkit.core.layer import AdapterLayer, adapter_layers
+from peftkit.core.modules_to_save import ModulesToSaveWrapper
+from peftkit.core.registry import Method, method_for_config
+from peftkit.core.targeting import find_modules_to_save, find_targets
+from peftkit.integrations.transformers import task_head_names
+
+__all__ = [
+    "AdaptedModel",
+    "inject_adapter",
+    "set_active_adapters",
+    "mark_trainable",
+    "delete_adapter",
+    "merge_adapters",
+    "unmerge_adapters",
+    "unload_adapters",
+    "adapter_base_parameter_names",
+]
+
+
+class AdaptedModel(nn.Module):
+    """Holds the user's model as ``.model`` so that parameter names read
+    ``base_model.model.<path>`` as in Hugging Face PEFT."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _internal_names(model: nn.Module) -> list[str]:
+    """Children of existing adapter layers: never targets themselves."""
+    out = []
+    for name, layer in adapter_layers(model):
+        out.extend(f"{name}.{child}" if name else child for child, _ in layer.named_children())
+    return out
+
+
+def _modules_to_save_names(model: nn.Module, config: PeftConfig) -> list[str]:
+    wanted = list(getattr(config, "modules_to_save", None) or [])
+    heads = [h for h in task_head_names(config.task_type) if h not in wanted]
+    found = find_modules_to_save(model, wanted + heads)
+    explicit_missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in found)]
+    if explicit_missing:
+        from peftkit.core.targeting import TargetError, _close_names
+
+        raise TargetError(
+            f"modules_to_save {explicit_missing} matched no module.\n"
+            + _close_names(explicit_missing, [n for n, _ in model.named_modules()])
+        )
+    return found
+
+
+def _check_single_method(model: nn.Module, method: Method) -> None:
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, ModulesToSaveWrapper):
+            continue
+        owner = getattr(layer, "peft_type", None)
+        if owner is not None and owner != method.peft_type:
+            raise ValueError(
+                f"{name} already carries a {owner} adapter; one model holds adapters of a single method "
+                f"(here {owner}), not {method.peft_type} beside it"
+            )
+
+
+def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> list[str]:
+    """Adds adapter ``adapter_name`` described by ``config`` to ``model`` in place.
+
+    Every check runs first; on any error the model is left as it was.
+
+    Returns:
+        The names of the adapted modules.
+    """
+    method = method_for_config(config)
+    _check_single_method(model, method)
+    existing = {n for _, layer in adapter_layers(model) for n in layer.adapter_names}
+    if adapter_name in existing:
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
+
+    save_names = _modules_to_save_names(model, config)
+    target_spec = config.target_modules  # type: ignore[attr-defined]
+    if target_spec is None and method.default_targets is not None:
+        target_spec = method.default_targets(model)
+
+    def supported(module: nn.Module) -> bool:
+        if isinstance(module, AdapterLayer) and getattr(module, "peft_type", None) == method.peft_type:
+            return True
+        return method.is_supported(module)
+
+    targets = find_targets(
+        model,
+        target_spec,
+        is_supported=supported,
+        supported=method.supported,
+        exclude_modules=getattr(config, "exclude_modules", None),
+        layers_to_transform=getattr(config, "layers_to_transform", None),
+        layers_pattern=getattr(config, "layers_pattern", None),
+        skip=list(save_names) + _internal_names(model),
+    )
+    # Build every new layer before touching the model; extend existing layers last, with rollback.
+    new_layers: list[tuple[str, nn.Module]] = []
+    extended: list[AdapterLayer] = []
+    try:
+        for name in targets:
+            module = model.get_submodule(name)
+            if isinstance(module, AdapterLayer):
+                module.add_adapter(adapter_name, config, name)
+                extended.append(module)
+            else:
+                new_layers.append((name, method.create_layer(module, adapter_name, config, name)))
+        for name in save_names:
+            module = model.get_submodule(name)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add_adapter(adapter_name)
+                extended.append(module)
+            else:
+                wrapper = ModulesToSaveWrapper(module)
+                wrapper.add_adapter(adapter_name)
+                new_layers.append((name, wrapper))
+    except Exception:
+        for layer in extended:
+            layer.delete_adapter(adapter_name)
+        raise
+    for name, layer in new_layers:
+        _set_module(model, name, layer)
+    for name, layer in adapter_layers(model):
+        if adapter_name in layer.adapter_names and not layer.active_adapters:
+            layer.set_active([adapter_name])
+    base_params = method.trainable_base_parameters(model, config, targets) if method.trainable_base_parameters else []
+    model._peftkit_base_params = getattr(model, "_peftkit_base_params", {})  # type: ignore[assignment]
+    model._peftkit_base_params[adapter_name] = base_params  # type: ignore[index]
+    return targets
+
+
+def adapter_base_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:
+    """Existing parameters of ``model`` that adapter ``adapter_name`` trains and saves."""
+    return list(getattr(model, "_peftkit_base_params", {}).get(adapter_name, []))
+
+
+def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
+    names = [names] if isinstance(names, str) else list(names)
+    known = {n for _, layer in adapter_layers(model) for n in layer.adapter_names}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; loaded adapters: {sorted(known)}")
+    for _, layer in adapter_layers(model):
+        if layer.merged_adapters and set(layer.merged_adapters) != set(names):
+            raise RuntimeError("adapters are merged; unmerge_adapter() before switching adapters")
+        layer.set_active(names)
+
+
+def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], active: Sequence[str]) -> None:
+    """Freezes everything, then unfreezes the active adapters (unless in inference mode)
+    and the base parameters they train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in active:
+        if configs[name].inference_mode:
+            continue
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters(name):
+                p.requires_grad_(True)
+        params = dict(model.named_parameters())
+        for pname in adapter_base_parameter_names(model, name):
+            if pname in params:
+                params[pname].requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    layers = [layer for _, layer in adapter_layers(model) if adapter_name in layer.adapter_names]
+    if not layers:
+        known = sorted({n for _, layer in adapter_layers(model) for n in layer.adapter_names})
+        raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {known}")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    getattr(model, "_peftkit_base_params", {}).pop(adapter_name, None)
+    # Layers left without adapters go back to plain modules.
+    for name, layer in list(adapter_layers(model)):
+        if not layer.adapter_names:
+            _set_module(model, name, layer.base_layer)
+
+
+def merge_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
+    for _, layer in adapter_layers(model):
+        layer.merge(adapter_names)
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def unload_adapters(model: nn.Module, merge: bool) -> nn.Module:
+    """Replaces every adapter layer by its base module (merged first when ``merge``)."""
+    layers = list(adapter_layers(model))
+    # innermost first is not needed: adapter layers never nest
+    for name, layer in layers:
+        replacement = layer.unload(merge)
+        if name:
+            _set_module(model, name, replacement)
+        else:
+            model = replacement
+    if hasattr(model, "_peftkit_base_params"):
+        del model._peftkit_base_params
+    return model
+
+
+def any_merged(model: nn.Module) -> bool:
+    return any(layer.merged for _, layer in adapter_layers(model))
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """Adapter layers per adapter name (for messages and reports)."""
+    out: dict[str, list[str]] = {}
+    for name, layer in adapter_layers(model):
+        for a in layer.adapter_names:
+            out.setdefault(a, []).append(name)
+    return out

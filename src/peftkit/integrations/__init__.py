@@ -1,0 +1,1 @@
+"""Optional backends, imported lazily."""

@@ -1,0 +1,1 @@
+"""One package per method; each registers itself with the core."""

@@ -1,0 +1,50 @@
+"""LoRA: low-rank updates ``h = W₀x + (α/r)·B·A·x`` (with rsLoRA, DoRA, PiSSA init)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftkit.core.layer import adapter_layers
+from peftkit.core.registry import Method, register_method
+from peftkit.methods.lora.combine import add_weighted_lora
+from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.layer import SUPPORTED, LoraLayer, create_lora_layer, is_lora_supported
+
+__all__ = ["LoraConfig", "LoraLayer", "add_weighted_lora"]
+
+
+def _trained_biases(model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
+    """Existing biases trained with the adapter: every one (``bias="all"``) or those of the
+    adapted layers (``"lora_only"``)."""
+    if config.bias == "none":
+        return []
+    if config.bias == "lora_only":
+        wanted = set(targets)
+        return [
+            f"{name}.base_layer.bias"
+            for name, layer in adapter_layers(model)
+            if name in wanted and getattr(layer.base_layer, "bias", None) is not None
+        ]
+    inside = {f"{name}.{child}" for name, layer in adapter_layers(model) for child, _ in layer.named_children() if child != "base_layer"}
+    out = []
+    for mname, module in model.named_modules():
+        if any(mname == i or mname.startswith(i + ".") for i in inside):
+            continue
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            out.append(f"{mname}.bias" if mname else "bias")
+    return out
+
+
+METHOD = register_method(
+    Method(
+        peft_type="LORA",
+        config_cls=LoraConfig,
+        description="LoRA: trains a low-rank update B·A beside chosen weights (rsLoRA, DoRA, PiSSA init)",
+        supported=SUPPORTED,
+        is_supported=is_lora_supported,
+        create_layer=create_lora_layer,
+        trainable_base_parameters=_trained_biases,
+        extra={"combine": add_weighted_lora},
+    )
+)

@@ -1,0 +1,85 @@
+"""LoRA configuration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Union
+
+from peftkit.config import TargetedConfig
+from peftkit.core.targeting import matches_key
+
+__all__ = ["LoraConfig"]
+
+
+@dataclass
+class LoraConfig(TargetedConfig):
+    """LoRA: ``h = W₀x + (α/r)·B·A·x`` with A (r × in) and B (out × r) trained.
+
+    Args:
+        r: rank of the update.
+        lora_alpha: α; the update is scaled by α/r (α/√r with ``use_rslora``).
+        lora_dropout: dropout on the input of the LoRA branch.
+        fan_in_fan_out: the base weight is stored (in, out) (GPT-2 ``Conv1D``; set automatically).
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (biases of adapted layers).
+        use_rslora: scale by α/√r (rank-stabilised LoRA).
+        use_dora: weight-decomposed LoRA: a trained magnitude per output times the direction
+            of ``W₀ + ΔW``.
+        init_lora_weights: ``True`` (B = 0, A Kaiming-uniform), ``"gaussian"`` (A ~ N(0, 1/r)),
+            ``"pissa"`` (principal singular vectors; the residual stays in the base weight),
+            or ``False`` (both random: the output changes at once; for tests).
+        rank_pattern: per-module rank, ``{name or regex: r}``.
+        alpha_pattern: per-module α, ``{name or regex: alpha}``.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    _INITS: ClassVar[tuple[object, ...]] = (True, False, "gaussian", "pissa")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith("pissa"):
+            # PEFT also writes "pissa_niter_N" (a faster, approximate SVD): same result in kind.
+            pass
+        elif self.init_lora_weights not in self._INITS:
+            raise ValueError(
+                f"init_lora_weights must be one of True, False, 'gaussian', 'pissa'; got {self.init_lora_weights!r}"
+            )
+        for name, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"rank_pattern[{name!r}] must be a positive integer, got {value!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        for key, value in self.rank_pattern.items():
+            if matches_key(module_name, key):
+                return value
+        return self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        for key, value in self.alpha_pattern.items():
+            if matches_key(module_name, key):
+                return value
+        return self.lora_alpha
+
+    def scaling_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r

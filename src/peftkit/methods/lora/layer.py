@@ -1,0 +1,300 @@
+"""LoRA layers: ``h = W₀x + (α/r)·B·A·x`` around linear, convolution and embedding modules.
+
+Parameter containers carry PEFT's names (``lora_A``, ``lora_B``, ``lora_embedding_A``,
+``lora_embedding_B``, ``lora_magnitude_vector``) so saved keys match its files.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.core.layer import AdapterLayer
+from peftkit.integrations.transformers import is_transformers_conv1d
+from peftkit.methods.lora import functional as LF
+from peftkit.methods.lora.config import LoraConfig
+
+__all__ = ["LoraLayer", "LoraLinear", "LoraConv", "LoraEmbedding", "create_lora_layer", "is_lora_supported"]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding"
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision bases keep their adapters in float32: small tensors, stable updates.
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
+
+
+class LoraLayer(AdapterLayer):
+    """State and lifecycle shared by the LoRA layer kinds."""
+
+    peft_type = "LORA"
+    adapter_containers = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self._merge_norms: dict[str, torch.Tensor] = {}
+
+    # -- kind-specific pieces (overridden) ---------------------------------------------
+    def weight_view(self) -> torch.Tensor:
+        """The base weight in the layout ``delta(name)`` returns (a view, not a copy)."""
+        return self.base_layer.weight
+
+    def make_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def delta(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        weight = self.base_layer.weight
+        r = config.rank_for(module_name)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = config.alpha_for(module_name)
+        self.scaling[adapter_name] = config.scaling_for(module_name)
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        try:
+            self.make_factors(adapter_name, r, _adapter_dtype(weight), weight.device)
+            self.init_factors(adapter_name, config.init_lora_weights)
+            if config.use_dora:
+                self.init_dora(adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def forget_adapter(self, adapter_name: str) -> None:
+        for d in (self.r, self.lora_alpha, self.scaling, self._merge_norms):
+            d.pop(adapter_name, None)
+        if adapter_name in self.lora_dropout:
+            del self.lora_dropout[adapter_name]
+
+    @torch.no_grad()
+    def init_factors(self, name: str, init: bool | str) -> None:
+        a, b = self.factors(name)
+        if init is False:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.normal_(b, std=0.02)
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1.0 / self.r[name])
+            nn.init.zeros_(b)
+        elif isinstance(init, str) and init.startswith("pissa"):
+            self.init_pissa(name)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    def init_pissa(self, name: str) -> None:
+        raise ValueError(f"init_lora_weights='pissa' needs a linear layer, not {type(self.base_layer).__name__}")
+
+    @torch.no_grad()
+    def init_dora(self, name: str) -> None:
+        w = self.weight_view()
+        norm = LF.dora_weight_norm(w.float() + self.delta(name).float())
+        self.lora_magnitude_vector[name] = nn.Parameter(self.magnitude_shape(norm).to(self.factors(name)[0].dtype))
+
+    def magnitude_shape(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm
+
+    def magnitude_scale(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        """``m / ‖W₀ + ΔW‖_c`` per output, the norm detached (as the DoRA paper advises)."""
+        w = self.weight_view()
+        norm = LF.dora_weight_norm(w + delta.to(w.dtype)).detach()
+        return self.lora_magnitude_vector[name].flatten() / norm
+
+    # -- merging -----------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_one(self, adapter_name: str) -> None:
+        w = self.weight_view()
+        delta = self.delta(adapter_name).to(w.dtype)
+        if adapter_name in self.lora_magnitude_vector:
+            norm = LF.dora_weight_norm(w + delta)
+            self._merge_norms[adapter_name] = norm
+            scale = self.lora_magnitude_vector[adapter_name].flatten().to(w.dtype) / norm
+            w.add_(delta).mul_(scale.view(-1, *([1] * (w.dim() - 1))))
+        else:
+            w.add_(delta)
+
+    @torch.no_grad()
+    def unmerge_one(self, adapter_name: str) -> None:
+        w = self.weight_view()
+        delta = self.delta(adapter_name).to(w.dtype)
+        if adapter_name in self.lora_magnitude_vector:
+            norm = self._merge_norms.pop(adapter_name)
+            scale = self.lora_magnitude_vector[adapter_name].flatten().to(w.dtype) / norm
+            w.div_(scale.view(-1, *([1] * (w.dim() - 1)))).sub_(delta)
+        else:
+            w.sub_(delta)
+
+    # -- forward -----------------------------------------------------------------------
+    def branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s·B·A·dropout(x)`` for one adapter."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        return b(a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def add_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.factors(name)[0].dtype)
+        if name in self.lora_magnitude_vector:
+            return self.add_dora_branch(name, x, result)
+        return result + self.branch(name, x).to(result.dtype)
+
+    def add_dora_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``h = b + (m/‖W₀+ΔW‖)·(W₀x + s·B·A·x)``, written as a correction of ``result``."""
+        scale = self.magnitude_scale(name, self.delta(name))
+        shape = [1] * result.dim()
+        shape[self.channel_dim(result)] = -1
+        scale = scale.view(shape)
+        bias = getattr(self.base_layer, "bias", None)
+        base = result if bias is None else result - bias.view([-1 if i == self.channel_dim(result) else 1 for i in range(result.dim())])
+        lora = self.branch(name, x).to(result.dtype)
+        return result + (scale - 1) * base + scale * lora
+
+    def channel_dim(self, result: torch.Tensor) -> int:
+        return result.dim() - 1
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.example_adapters is not None:
+            for name, idx in self.example_groups(x.shape[0]) or []:
+                idx = idx.to(x.device)
+                part = self.add_branch(name, x[idx], result[idx]) - result[idx]
+                result = result.index_add(0, idx, part)
+            return result
+        for name in self.adapters_to_run():
+            result = self.add_branch(name, x, result)
+        return result
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (weight stored in × out)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_transformers_conv1d(base_layer)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def weight_view(self) -> torch.Tensor:
+        return self.base_layer.weight.T if self.fan_in_fan_out else self.base_layer.weight
+
+    def make_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+
+    def delta(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        return LF.delta_weight(a, b, self.scaling[name])
+
+    @torch.no_grad()
+    def init_pissa(self, name: str) -> None:
+        w = self.weight_view()
+        a, b, residual = LF.pissa_factors(w, self.r[name], self.scaling[name])
+        self.lora_A[name].weight.copy_(a)
+        self.lora_B[name].weight.copy_(b)
+        w.copy_(residual)
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's geometry and r output
+    channels, B a 1×…×1 conv back to the output channels."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+
+    def make_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        base = self.base_layer
+        conv = type(base)
+        self.lora_A[name] = conv(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+            bias=False, padding_mode=base.padding_mode, dtype=dtype, device=device,
+        )
+        self.lora_B[name] = conv(r, base.out_channels, 1, 1, bias=False, dtype=dtype, device=device)
+
+    def delta(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        return LF.conv_delta_weight(a, b, self.scaling[name])
+
+    def magnitude_shape(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm.view(1, -1, *([1] * (self.base_layer.weight.dim() - 2)))
+
+    def channel_dim(self, result: torch.Tensor) -> int:
+        return 1
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``E' = E + s·(B·A)ᵀ`` with A (r × vocab), B (dim × r)."""
+
+    def make_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        vocab, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, vocab, dtype=dtype, device=device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, dtype=dtype, device=device))
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    @torch.no_grad()
+    def init_factors(self, name: str, init: bool | str) -> None:
+        a, b = self.factors(name)
+        if init is False:
+            nn.init.normal_(a)
+            nn.init.normal_(b)
+        elif isinstance(init, str) and init.startswith("pissa"):
+            self.init_pissa(name)
+        else:  # the lookup of A is the input here, so A starts at zero and B random
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+
+    def init_dora(self, name: str) -> None:
+        raise ValueError("use_dora is supported on linear and convolution layers, not on nn.Embedding")
+
+    def delta(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        return LF.embedding_delta_weight(a, b, self.scaling[name])
+
+    def branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors(name)
+        base = self.base_layer
+        looked_up = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return (looked_up @ b.T) * self.scaling[name]
+
+    def add_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return result + self.branch(name, x).to(result.dtype)
+
+
+def is_lora_supported(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding, *_CONV_TYPES)) or is_transformers_conv1d(module)
+
+
+def create_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> LoraLayer:
+    """Wraps ``module`` with a LoRA layer holding adapter ``adapter_name``."""
+    if isinstance(module, nn.Embedding):
+        layer: LoraLayer = LoraEmbedding(module)
+    elif isinstance(module, _CONV_TYPES):
+        layer = LoraConv(module)
+    elif isinstance(module, nn.Linear) or is_transformers_conv1d(module):
+        if config.fan_in_fan_out and isinstance(module, nn.Linear):
+            raise ValueError(f"{module_name}: fan_in_fan_out=True but it is an nn.Linear (weight stored out × in)")
+        layer = LoraLinear(module)
+    else:
+        raise TypeError(f"{module_name} is a {type(module).__name__}; LoRA supports {SUPPORTED}")
+    layer.add_adapter(adapter_name, config, module_name)
+    layer.set_active([adapter_name])
+    return layer

@@ -1,0 +1,110 @@
+"""Tiny models built from config (2 layers, hidden 32) and small plain modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 100
+
+
+def tiny_bert(num_labels: int = 2) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=37, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=37, num_layers=2, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=37, num_labels=3)
+    return ViTForImageClassification(cfg).eval()
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.lin0 = nn.Linear(16, 32)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x).mean(1)
+        return self.head(self.relu(self.lin1(self.relu(self.lin0(h)))))
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        h = self.conv1d(h.flatten(2))
+        return self.head(h.mean(-1))
+
+
+def inputs_for(kind: str, batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if kind in ("bert", "gpt2", "llama"):
+        ids = torch.randint(1, VOCAB, (batch, 7), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    if kind == "t5":
+        return {"input_ids": torch.randint(1, VOCAB, (batch, 7), generator=g),
+                "decoder_input_ids": torch.randint(1, VOCAB, (batch, 5), generator=g)}
+    if kind == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    if kind == "mlp":
+        return {"x": torch.randint(0, VOCAB, (batch, 5), generator=g)}
+    if kind == "cnn":
+        return {"x": torch.randn(batch, 3, 8, 8, generator=g)}
+    raise KeyError(kind)
+
+
+BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5, "vit": tiny_vit, "mlp": MLP, "cnn": CNN}
+
+
+def build(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return BUILDERS[kind]().eval()
+
+
+def output_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits
