@@ -45,7 +45,7 @@ class PeftModel(nn.Module):
         self._active: list[str] = []
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
-        if getattr(model, "is_gradient_checkpointing", False):
+        if _uses_gradient_checkpointing(model):
             enable_input_require_grads(model)
 
     # -- pass-through ---------------------------------------------------------------
@@ -264,6 +264,13 @@ class PeftModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+
+
+def _uses_gradient_checkpointing(model: nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if attr in dir(type(model)):
+            return bool(getattr(model, attr))
+    return False
 
 
 def _numel(p: torch.Tensor) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,8 +51,7 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
-# Built-in methods register themselves when their package is imported.
-_BUILTIN_PACKAGES = ("peftkit.methods.lora",)
+_loaded = False
 
 
 def register_method(method: Method) -> Method:
@@ -64,8 +64,15 @@ def register_method(method: Method) -> Method:
 
 
 def _load_builtins() -> None:
-    for name in _BUILTIN_PACKAGES:
-        importlib.import_module(name)
+    """Imports every package under ``peftkit.methods``; each registers its method."""
+    global _loaded
+    if _loaded:
+        return
+    import peftkit.methods
+
+    for info in pkgutil.iter_modules(peftkit.methods.__path__):
+        importlib.import_module(f"peftkit.methods.{info.name}")
+    _loaded = True
 
 
 def get_method(peft_type: str) -> Method:
