@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-__all__ = ["PeftConfig", "TargetedConfig", "TaskType", "PeftType"]
+__all__ = ["PeftConfig", "PeftType", "TargetedConfig", "TaskType"]
 
 TargetSpec = Union[list[str], str, None]
 

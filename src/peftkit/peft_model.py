@@ -16,8 +16,8 @@ from peftkit.core import tuner
 from peftkit.core.io import WEIGHTS_NAME, atomic_write_text, load_tensors, resolve_adapter_dir, save_tensors
 from peftkit.core.layer import adapter_layers, per_example_adapters
 from peftkit.core.registry import method_for_config
-from peftkit.core.tuner import AdaptedModel
 from peftkit.core.state import get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.core.tuner import AdaptedModel
 from peftkit.integrations.transformers import enable_input_require_grads
 
 __all__ = ["PeftModel", "get_peft_model", "inject_adapter_in_model"]
@@ -90,6 +90,8 @@ class PeftModel(nn.Module):
             peft_config.base_model_name_or_path = _model_name(self._model)
         tuner.inject_adapter(self._model, peft_config, adapter_name)
         self.peft_config[adapter_name] = peft_config
+        if self._active:  # layers created for the new adapter alone must not switch it on
+            tuner.set_active_adapters(self._model, self._active)
         tuner.mark_trainable(self._model, self.peft_config, self._active)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
@@ -167,6 +169,7 @@ class PeftModel(nn.Module):
             raise NotImplementedError(f"{type(config).peft_type} adapters cannot be combined")
         new_config = combine(self._model, self.peft_config, adapters, weights, adapter_name, combination_type, svd_rank)
         self.peft_config[adapter_name] = new_config
+        tuner.set_active_adapters(self._model, self._active)
         tuner.mark_trainable(self._model, self.peft_config, self._active)
 
     # -- parameters -----------------------------------------------------------------

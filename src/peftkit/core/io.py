@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["WEIGHTS_NAME", "atomic_write", "atomic_write_text", "save_tensors", "load_tensors", "resolve_adapter_dir"]
+__all__ = ["WEIGHTS_NAME", "atomic_write", "atomic_write_text", "load_tensors", "resolve_adapter_dir", "save_tensors"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -70,7 +70,7 @@ def load_tensors(directory: str | os.PathLike, device: str | torch.device = "cpu
     if os.path.isfile(legacy):
         try:
             return torch.load(legacy, map_location=device, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing
+        except Exception as exc:
             raise ValueError(f"{legacy} could not be read ({exc}); the file is truncated or corrupt") from exc
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
 
@@ -90,6 +90,6 @@ def resolve_adapter_dir(path: str | os.PathLike, subfolder: str | None = None) -
         raise FileNotFoundError(f"adapter folder {local!r} does not exist (and huggingface_hub is not installed)") from exc
     try:
         fetched = snapshot_download(path)
-    except Exception as exc:  # noqa: BLE001 - hub errors vary by version; the message says what happened
+    except Exception as exc:
         raise FileNotFoundError(f"{path!r} is not a local folder and could not be fetched from the hub: {exc}") from exc
     return os.path.join(fetched, subfolder) if subfolder else fetched

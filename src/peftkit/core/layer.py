@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AdapterLayer", "BASE_ADAPTER", "adapter_layers", "per_example_adapters"]
+__all__ = ["BASE_ADAPTER", "AdapterLayer", "adapter_layers", "per_example_adapters"]
 
 BASE_ADAPTER = "__base__"
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from peftkit.config import PeftConfig
     from peftkit.core.layer import AdapterLayer
 
-__all__ = ["Method", "register_method", "get_method", "list_methods"]
+__all__ = ["Method", "get_method", "list_methods", "register_method"]
 
 
 @dataclass(frozen=True)

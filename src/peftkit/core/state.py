@@ -14,7 +14,7 @@ from torch import nn
 from peftkit.core.layer import adapter_layers
 from peftkit.core.tuner import AdaptedModel, adapter_base_parameter_names
 
-__all__ = ["get_peft_model_state_dict", "set_peft_model_state_dict", "AdapterStateError"]
+__all__ = ["AdapterStateError", "get_peft_model_state_dict", "set_peft_model_state_dict"]
 
 
 class AdapterStateError(ValueError):

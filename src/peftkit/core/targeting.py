@@ -19,7 +19,7 @@ from torch import nn
 
 from peftkit.integrations.transformers import is_linear_like, output_head_names
 
-__all__ = ["TargetError", "find_targets", "matches_key", "name_matches", "layer_index"]
+__all__ = ["TargetError", "find_targets", "layer_index", "matches_key", "name_matches"]
 
 ALL_LINEAR = "all-linear"
 # Attribute names that hold the list of repeated blocks in common architectures.

@@ -21,14 +21,14 @@ from peftkit.integrations.transformers import task_head_names
 
 __all__ = [
     "AdaptedModel",
-    "inject_adapter",
-    "set_active_adapters",
-    "mark_trainable",
-    "delete_adapter",
-    "merge_adapters",
-    "unmerge_adapters",
-    "unload_adapters",
     "adapter_base_parameter_names",
+    "delete_adapter",
+    "inject_adapter",
+    "mark_trainable",
+    "merge_adapters",
+    "set_active_adapters",
+    "unload_adapters",
+    "unmerge_adapters",
 ]
 
 
@@ -150,10 +150,9 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
             layer.delete_adapter(adapter_name)
         raise
     for name, layer in new_layers:
-        _set_module(model, name, layer)
-    for name, layer in adapter_layers(model):
-        if adapter_name in layer.adapter_names and not layer.active_adapters:
+        if isinstance(layer, AdapterLayer) and not layer.active_adapters:
             layer.set_active([adapter_name])
+        _set_module(model, name, layer)
     base_params = method.trainable_base_parameters(model, config, targets) if method.trainable_base_parameters else []
     model._peftkit_base_params = getattr(model, "_peftkit_base_params", {})  # type: ignore[assignment]
     model._peftkit_base_params[adapter_name] = base_params  # type: ignore[index]

@@ -9,11 +9,11 @@ from __future__ import annotations
 from torch import nn
 
 __all__ = [
-    "is_transformers_conv1d",
+    "enable_input_require_grads",
     "is_linear_like",
+    "is_transformers_conv1d",
     "output_head_names",
     "task_head_names",
-    "enable_input_require_grads",
 ]
 
 # Heads that a task type adds on top of a pretrained body; trained in full and saved.

@@ -24,7 +24,7 @@ from peftkit.core.tuner import inject_adapter
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layer import LoraLayer
 
-__all__ = ["add_weighted_lora", "COMBINATIONS"]
+__all__ = ["COMBINATIONS", "add_weighted_lora"]
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -38,7 +38,7 @@ def _flat(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 def _combine_layer(
     layer: LoraLayer, adapters: Sequence[str], weights: Sequence[float], how: str, svd_rank: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
+    present = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in layer.adapter_names]
     if how == "cat":
         parts = [(_flat(layer, a), w * layer.scaling[a]) for a, w in present]
         return torch.cat([a for (a, _), _ in parts], 0), torch.cat([b * c for (_, b), c in parts], 1)

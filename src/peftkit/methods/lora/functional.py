@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "delta_weight",
     "conv_delta_weight",
-    "embedding_delta_weight",
+    "delta_weight",
     "dora_weight_norm",
+    "embedding_delta_weight",
     "pissa_factors",
 ]
 

@@ -18,7 +18,7 @@ from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.lora import functional as LF
 from peftkit.methods.lora.config import LoraConfig
 
-__all__ = ["LoraLayer", "LoraLinear", "LoraConv", "LoraEmbedding", "create_lora_layer", "is_lora_supported"]
+__all__ = ["LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "create_lora_layer", "is_lora_supported"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding"

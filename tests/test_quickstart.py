@@ -1,0 +1,32 @@
+"""The README's quick start on a tiny model: wrap, train a step, save, reload."""
+
+from __future__ import annotations
+
+import torch
+
+from models import build, inputs_for, output_of
+from peftkit import LoraConfig, PeftModel, get_peft_model
+
+
+def test_readme_quickstart_round_trip(tmp_path):
+    inputs = inputs_for("bert")
+    base_out = output_of(build("bert"), inputs)
+    model = get_peft_model(build("bert"), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    assert torch.equal(output_of(model, inputs), base_out)
+    trainable, _ = model.get_nb_trainable_parameters()
+    # 2 layers x (query + value) x (A: 4x32 + B: 32x4) + classifier copy (2x32 + 2)
+    assert trainable == 2 * 2 * (4 * 32 + 32 * 4) + 66
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        loss = model(**inputs, labels=torch.tensor([0, 1, 1])).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    trained = output_of(model, inputs)
+    assert not torch.allclose(trained, base_out)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(build("bert"), tmp_path)
+    assert torch.equal(output_of(reloaded, inputs), trained)
