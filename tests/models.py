@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -19,7 +21,8 @@ def tiny_bert(num_labels: int = 2) -> nn.Module:
 def tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                     bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -97,9 +100,16 @@ def inputs_for(kind: str, batch: int = 3, seed: int = 0) -> dict[str, torch.Tens
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5, "vit": tiny_vit, "mlp": MLP, "cnn": CNN}
 
 
+_BUILT: dict[tuple[str, int], nn.Module] = {}
+
+
 def build(kind: str, seed: int = 0) -> nn.Module:
+    """A fresh model of ``kind`` with the weights that ``seed`` gives (built once, then
+    copied: building transformers models is the slow part of many tests)."""
     torch.manual_seed(seed)
-    return BUILDERS[kind]().eval()
+    if (kind, seed) not in _BUILT:
+        _BUILT[kind, seed] = BUILDERS[kind]().eval()
+    return copy.deepcopy(_BUILT[kind, seed])
 
 
 def output_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
