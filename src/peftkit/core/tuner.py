@@ -66,9 +66,14 @@ def _internal_names(model: nn.Module) -> list[str]:
 
 def _modules_to_save_names(model: nn.Module, config: PeftConfig) -> list[str]:
     wanted = list(getattr(config, "modules_to_save", None) or [])
-    heads = [h for h in task_head_names(config.task_type) if h not in wanted]
+    task_heads = task_head_names(config.task_type)
+    heads = [h for h in task_heads if h not in wanted]
     found = find_modules_to_save(model, wanted + heads)
-    explicit_missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in found)]
+    # A task's head names are alternatives (a SEQ_CLS model has a `classifier` or a `score`);
+    # files written by Hugging Face PEFT list them all in modules_to_save.
+    explicit_missing = [
+        w for w in wanted if w not in task_heads and not any(n == w or n.endswith("." + w) for n in found)
+    ]
     if explicit_missing:
         from peftkit.core.targeting import TargetError, _close_names
 

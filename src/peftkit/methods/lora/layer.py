@@ -145,8 +145,11 @@ class LoraLayer(AdapterLayer):
     # -- forward -----------------------------------------------------------------------
     def branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``s·B·A·dropout(x)`` for one adapter."""
-        a, b = self.lora_A[name], self.lora_B[name]
-        return b(a(self.lora_dropout[name](x))) * self.scaling[name]
+        return self.unscaled_branch(name, x) * self.scaling[name]
+
+    def unscaled_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``B·A·dropout(x)``."""
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
 
     def add_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         x = x.to(self.factors(name)[0].dtype)
@@ -162,8 +165,9 @@ class LoraLayer(AdapterLayer):
         scale = scale.view(shape)
         bias = getattr(self.base_layer, "bias", None)
         base = result if bias is None else result - bias.view([-1 if i == self.channel_dim(result) else 1 for i in range(result.dim())])
-        lora = self.branch(name, x).to(result.dtype)
-        return result + (scale - 1) * base + scale * lora
+        lora = self.unscaled_branch(name, x).to(result.dtype)
+        # Summed in this order, outputs agree bit for bit with Hugging Face PEFT's.
+        return result + ((scale - 1) * base + scale * lora * self.scaling[name])
 
     def channel_dim(self, result: torch.Tensor) -> int:
         return result.dim() - 1
