@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.config import PeftConfig
-from peftkit.core.layer import AdapterLayer, adapter_layers
+from peftkit.core.layer import BASE_ADAPTER, AdapterLayer, adapter_layers
 from peftkit.core.modules_to_save import ModulesToSaveWrapper
 from peftkit.core.registry import Method, method_for_config
 from peftkit.core.targeting import find_modules_to_save, find_targets
@@ -22,6 +22,7 @@ from peftkit.integrations.transformers import task_head_names
 __all__ = [
     "AdaptedModel",
     "adapter_base_parameter_names",
+    "check_adapter_name",
     "delete_adapter",
     "inject_adapter",
     "mark_trainable",
@@ -96,6 +97,20 @@ def _check_single_method(model: nn.Module, method: Method) -> None:
             )
 
 
+def check_adapter_name(adapter_name: str) -> None:
+    """Adapter names key ``nn.ModuleDict``s: they cannot contain dots or shadow a module
+    attribute (``"half"``, ``"train"``...), and ``"__base__"`` means "no adapter"."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter name {adapter_name!r} is not valid: use a non-empty string without dots")
+    if adapter_name == BASE_ADAPTER:
+        raise ValueError(f"adapter name {BASE_ADAPTER!r} is reserved (it selects the base model); pick another name")
+    if hasattr(nn.ModuleDict(), adapter_name):
+        raise ValueError(
+            f"adapter name {adapter_name!r} is the name of a torch.nn.Module attribute and cannot key the adapter's "
+            f"parameters; pick another name, e.g. {adapter_name + '_adapter'!r}"
+        )
+
+
 def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> list[str]:
     """Adds adapter ``adapter_name`` described by ``config`` to ``model`` in place.
 
@@ -104,6 +119,7 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     Returns:
         The names of the adapted modules.
     """
+    check_adapter_name(adapter_name)
     method = method_for_config(config)
     _check_single_method(model, method)
     existing = {n for _, layer in adapter_layers(model) for n in layer.adapter_names}
