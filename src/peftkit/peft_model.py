@@ -240,14 +240,17 @@ class PeftModel(nn.Module):
         """Wraps ``model`` with the adapter saved in ``model_id`` (a folder written by
         peftkit or Hugging Face PEFT). On any error ``model`` is left unchanged."""
         directory = resolve_adapter_dir(model_id, subfolder)
-        config = config or PeftConfig.from_pretrained(directory)
+        config = copy.copy(config) if config is not None else PeftConfig.from_pretrained(directory)
         state = load_tensors(directory)
         config.inference_mode = not is_trainable
+        trainable = {p: p.requires_grad for p in model.parameters()}
         peft_model = cls(model, config, adapter_name)
         try:
             set_peft_model_state_dict(peft_model, state, adapter_name)
         except Exception:
             peft_model.unload()
+            for p, flag in trainable.items():  # wrapping froze the base
+                p.requires_grad_(flag)
             raise
         if not is_trainable:
             peft_model.eval()

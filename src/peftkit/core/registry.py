@@ -37,6 +37,9 @@ class Method:
         trainable_base_parameters: ``(model, config, target_names) -> [param names]`` of
             existing parameters the method trains and saves with the adapter (e.g. biases).
         default_targets: ``(model) -> target spec`` used when ``target_modules`` is None.
+        check_target: ``(module, config, module_name) -> None`` raises when the config cannot
+            adapt this module (called for every target before the model is changed; the
+            module may be an existing adapter layer of the method).
     """
 
     peft_type: str
@@ -47,6 +50,7 @@ class Method:
     create_layer: Callable[[nn.Module, str, Any, str], AdapterLayer]
     trainable_base_parameters: Callable[[nn.Module, Any, list[str]], list[str]] | None = None
     default_targets: Callable[[nn.Module], Any] | None = None
+    check_target: Callable[[nn.Module, Any, str], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -146,6 +146,9 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
         layers_pattern=getattr(config, "layers_pattern", None),
         skip=list(save_names) + _internal_names(model),
     )
+    if method.check_target is not None:
+        for name in targets:
+            method.check_target(model.get_submodule(name), config, name)
     # Build every new layer before touching the model; extend existing layers last, with rollback.
     new_layers: list[tuple[str, nn.Module]] = []
     extended: list[AdapterLayer] = []

@@ -8,7 +8,7 @@ from peftkit.core.layer import adapter_layers
 from peftkit.core.registry import Method, register_method
 from peftkit.methods.lora.combine import add_weighted_lora
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.layer import SUPPORTED, LoraLayer, create_lora_layer, is_lora_supported
+from peftkit.methods.lora.layer import SUPPORTED, LoraLayer, check_lora_target, create_lora_layer, is_lora_supported
 
 __all__ = ["LoraConfig", "LoraLayer", "add_weighted_lora"]
 
@@ -44,6 +44,7 @@ METHOD = register_method(
         supported=SUPPORTED,
         is_supported=is_lora_supported,
         create_layer=create_lora_layer,
+        check_target=check_lora_target,
         trainable_base_parameters=_trained_biases,
         extra={"combine": add_weighted_lora},
     )

@@ -18,7 +18,15 @@ from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.lora import functional as LF
 from peftkit.methods.lora.config import LoraConfig
 
-__all__ = ["LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "create_lora_layer", "is_lora_supported"]
+__all__ = [
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "check_lora_target",
+    "create_lora_layer",
+    "is_lora_supported",
+]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding"
@@ -287,15 +295,31 @@ def is_lora_supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding, *_CONV_TYPES)) or is_transformers_conv1d(module)
 
 
+def check_lora_target(module: nn.Module, config: LoraConfig, module_name: str) -> None:
+    """Raises when ``config`` cannot adapt ``module`` (the module itself, or the base of an
+    existing LoRA layer). Runs for every target before the model is changed: PiSSA rewrites
+    base weights, so a refusal found later could not be undone."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    kind = type(base).__name__
+    if isinstance(base, _CONV_TYPES) and base.groups != 1:
+        raise ValueError(f"{module_name}: LoRA on grouped convolutions (groups={base.groups}) is not supported")
+    if config.use_dora and isinstance(base, nn.Embedding):
+        raise ValueError(f"{module_name}: use_dora is supported on linear and convolution layers, not on nn.Embedding")
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.startswith("pissa") and not (isinstance(base, nn.Linear) or is_transformers_conv1d(base)):
+        raise ValueError(f"{module_name}: init_lora_weights='pissa' needs a linear layer, not {kind}")
+    if config.fan_in_fan_out and isinstance(base, nn.Linear):
+        raise ValueError(f"{module_name}: fan_in_fan_out=True but it is an nn.Linear (weight stored out × in)")
+
+
 def create_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> LoraLayer:
     """Wraps ``module`` with a LoRA layer holding adapter ``adapter_name``."""
+    check_lora_target(module, config, module_name)
     if isinstance(module, nn.Embedding):
         layer: LoraLayer = LoraEmbedding(module)
     elif isinstance(module, _CONV_TYPES):
         layer = LoraConv(module)
     elif isinstance(module, nn.Linear) or is_transformers_conv1d(module):
-        if config.fan_in_fan_out and isinstance(module, nn.Linear):
-            raise ValueError(f"{module_name}: fan_in_fan_out=True but it is an nn.Linear (weight stored out × in)")
         layer = LoraLinear(module)
     else:
         raise TypeError(f"{module_name} is a {type(module).__name__}; LoRA supports {SUPPORTED}")
