@@ -14,6 +14,7 @@ from adapter_checks import perturb, weights_snapshot
 from models import build, inputs_for, output_of
 from peftkit import (
     LoraConfig,
+    PeftConfig,
     PeftModel,
     get_peft_model,
     get_peft_model_state_dict,
@@ -438,3 +439,32 @@ def test_torch_compile_gives_same_output() -> None:
     expected = output_of(model, inputs)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
     torch.testing.assert_close(output_of(compiled, inputs), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_from_pretrained_is_frozen_unless_trainable(tmp_path) -> None:
+    model = get_peft_model(build("mlp"), _lora(target_modules=["lin0"], modules_to_save=["head"]))
+    n_trainable = model.get_nb_trainable_parameters()[0]
+    model.save_pretrained(tmp_path)
+    saved = PeftConfig.from_pretrained(tmp_path)
+    assert saved.inference_mode is True
+    frozen = PeftModel.from_pretrained(build("mlp"), tmp_path)
+    assert frozen.get_nb_trainable_parameters()[0] == 0 and not frozen.training
+    trainable = PeftModel.from_pretrained(build("mlp"), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == n_trainable
+
+
+def test_lora_dropout_only_in_training() -> None:
+    inputs = inputs_for("mlp")
+    model = get_peft_model(build("mlp"), _lora(target_modules=["lin0", "lin1"], lora_dropout=0.5))
+    reference = get_peft_model(build("mlp"), _lora(target_modules=["lin0", "lin1"]))
+    reference.load_state_dict(model.state_dict())
+    assert torch.equal(output_of(model, inputs), output_of(reference, inputs))
+    model.add_adapter("other", _lora(target_modules=["lin0", "emb"], lora_dropout=0.5))  # extends lin0
+    model.set_adapter("other")
+    assert torch.equal(output_of(model, inputs), output_of(model, inputs)), "eval mode: no dropout"
+    model.set_adapter("default")
+    model.train()
+    torch.manual_seed(0)
+    first = output_of(model, inputs)
+    second = output_of(model, inputs)
+    assert not torch.equal(first, second)

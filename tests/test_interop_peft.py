@@ -30,6 +30,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
          "alpha_pattern": {"h.1.attn.c_attn": 3}},
     ),
     "bias_lora_only": ("mlp", {"target_modules": ["lin0", "lin1"], "bias": "lora_only"}),
+    "bias_all": ("mlp", {"target_modules": ["lin0"], "bias": "all"}),
+    "conv": ("cnn", {"target_modules": ["conv1", "conv2", "conv1d"]}),
+    "conv_dora": ("cnn", {"target_modules": ["conv1", "conv1d"], "use_dora": True}),
+    "gpt2_dora": ("gpt2", {"target_modules": ["c_attn"], "use_dora": True}),
 }
 
 

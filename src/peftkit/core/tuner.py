@@ -173,9 +173,14 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
         for layer in extended:
             layer.delete_adapter(adapter_name)
         raise
+    # New modules start in training mode; they follow the mode of the module they wrap
+    # (a model in eval mode must not get dropout in its new adapter branches).
+    for layer in extended:
+        layer.train(layer.training)
     for name, layer in new_layers:
         if isinstance(layer, AdapterLayer) and not layer.active_adapters:
             layer.set_active([adapter_name])
+        layer.train(model.get_submodule(name).training)
         _set_module(model, name, layer)
     base_params = method.trainable_base_parameters(model, config, targets) if method.trainable_base_parameters else []
     model._peftkit_base_params = getattr(model, "_peftkit_base_params", {})  # type: ignore[assignment]
