@@ -238,6 +238,34 @@ def test_add_weighted_adapter_linear() -> None:
     assert "bad" not in model.peft_config
 
 
+def test_add_weighted_adapter_with_names_that_are_suffixes_of_others(tmp_path) -> None:
+    """``proj`` is a suffix of ``blocks.0.proj``: the combination adapts exactly the modules
+    its sources adapt, with each module's own rank."""
+    model = get_peft_model(Named(), _lora(target_modules=r"blocks\.0\.proj", r=4))
+    model.add_adapter("b", _lora(target_modules=r"proj|blocks\.0\.proj", r=3))
+    model.add_weighted_adapter(["default", "b"], [1.0, 2.0], "mix", combination_type="cat")
+    layers = dict(adapter_layers(model.get_base_model()))
+    assert sorted(n for n, layer in layers.items() if "mix" in layer.adapter_names) == ["blocks.0.proj", "proj"]
+    assert (layers["blocks.0.proj"].r["mix"], layers["proj"].r["mix"]) == (7, 3)
+    for name, layer in layers.items():
+        expected = sum(w * layer.delta(a) for a, w in (("default", 1.0), ("b", 2.0)) if a in layer.adapter_names)
+        torch.testing.assert_close(layer.delta("mix"), expected, atol=1e-6, rtol=1e-5, msg=name)
+    model.save_pretrained(tmp_path, selected_adapters=["mix"])
+    x = torch.randn(2, 4)
+    model.set_adapter("mix")
+    expected_out = model.get_base_model().proj(x), model.get_base_model().blocks[0]["proj"](x)
+    reloaded = PeftModel.from_pretrained(Named(), tmp_path / "mix", adapter_name="mix")
+    assert sorted(_wrapped_names(reloaded)) == ["blocks.0.proj", "proj"]
+    reloaded_base = reloaded.get_base_model()
+    base = model.get_base_model()
+    with torch.no_grad():  # same base weights as the model the adapter was made on
+        for name in ("proj", "blocks.0.proj"):
+            reloaded_base.get_submodule(name).base_layer.load_state_dict(base.get_submodule(name).base_layer.state_dict())
+    got = reloaded_base.proj(x), reloaded_base.blocks[0]["proj"](x)
+    for g, e in zip(got, expected_out, strict=True):
+        assert torch.equal(g, e)
+
+
 def test_weighted_adapter_saves_and_reloads(tmp_path) -> None:
     model = _combined_model()
     model.add_weighted_adapter(["default", "b"], [1.0, 0.5], "mix", combination_type="cat")

@@ -124,6 +124,9 @@ def test_second_adapter_peft_to_peftkit(tmp_path) -> None:
     got = _outputs_per_adapter(ours, inputs)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+    alone = PeftModel.from_pretrained(build("bert"), tmp_path, subfolder="other", adapter_name="other")
+    assert alone.active_adapters == ["other"]
+    assert torch.equal(output_of(alone, inputs), expected["other"])
 
 
 def test_second_adapter_peftkit_to_peft(tmp_path) -> None:

@@ -12,6 +12,7 @@ The new adapter has scaling 1 (``lora_alpha = r``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from peftkit.core.layer import adapter_layers
 from peftkit.core.modules_to_save import ModulesToSaveWrapper
-from peftkit.core.tuner import inject_adapter
+from peftkit.core.tuner import delete_adapter, inject_adapter
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layer import LoraLayer
 
@@ -61,6 +62,26 @@ def _combine_layer(
     return vh[:k], u[:, :k] * s[:k]
 
 
+@torch.no_grad()
+def _fill(
+    model: nn.Module,
+    layers: dict[str, LoraLayer],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    adapters: Sequence[str],
+    adapter_name: str,
+) -> None:
+    """Copies the combined factors (and the first source's saved modules) into the new adapter."""
+    for n, (a, b) in factors.items():
+        ta, tb = layers[n].factors(adapter_name)
+        ta.copy_(a.reshape(ta.shape))
+        tb.copy_(b.reshape(tb.shape))
+    for _, wrapper in adapter_layers(model):
+        if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.adapter_names:
+            source = next((a for a in adapters if a in wrapper.adapter_names), None)
+            if source is not None:
+                wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())
+
+
 def add_weighted_lora(
     model: nn.Module,
     configs: dict[str, LoraConfig],
@@ -97,26 +118,22 @@ def add_weighted_lora(
         use_rslora=False,
         use_dora=False,
         init_lora_weights=True,
-        target_modules=sorted(layers),
+        # Exact names: a listed name also matches longer paths ending with it ("proj" would
+        # add "blocks.0.proj"), so the targets are a regex and the pattern keys anchored.
+        target_modules="|".join(re.escape(n) for n in sorted(layers)),
         exclude_modules=None,
         layers_to_transform=None,
         layers_pattern=None,
-        rank_pattern={n: k for n, k in ranks.items() if k != r},
-        alpha_pattern={n: k for n, k in ranks.items() if k != r},
+        rank_pattern={f"^{re.escape(n)}$": k for n, k in ranks.items() if k != r},
+        alpha_pattern={f"^{re.escape(n)}$": k for n, k in ranks.items() if k != r},
         modules_to_save=saved or None,
         task_type=None,
     )
     inject_adapter(model, config, adapter_name)
-    with torch.no_grad():
-        for n, (a, b) in factors.items():
-            layer = layers[n]
-            ta, tb = layer.factors(adapter_name)
-            ta.copy_(a.reshape(ta.shape))
-            tb.copy_(b.reshape(tb.shape))
-        for _, wrapper in adapter_layers(model):
-            if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.adapter_names:
-                source = next((a for a in adapters if a in wrapper.adapter_names), None)
-                if source is not None:
-                    wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())
+    try:
+        _fill(model, layers, factors, adapters, adapter_name)
+    except Exception:
+        delete_adapter(model, adapter_name)
+        raise
     config.task_type = first.task_type
     return config
