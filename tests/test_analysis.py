@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from models import build, inputs_for, output_of
 from torch import nn
 
+from models import build, inputs_for, output_of
 from peftkit import LoraConfig, PeftModel, RankAllocator, get_peft_model, interpolate, relevance_scores
 
 
