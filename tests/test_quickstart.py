@@ -30,3 +30,17 @@ def test_readme_quickstart_round_trip(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").is_file()
     reloaded = PeftModel.from_pretrained(build("bert"), tmp_path)
     assert torch.equal(output_of(reloaded, inputs), trained)
+
+
+def test_forward_signature_is_the_wrapped_models():
+    """Tools such as the transformers Trainer keep only the columns `forward` names."""
+    import copy
+    import inspect
+
+    model = get_peft_model(build("bert"), LoraConfig(r=2, target_modules=["query"]))
+    params = inspect.signature(model.forward).parameters
+    assert "input_ids" in params and "labels" in params and "adapter_names" in params
+    clone = copy.deepcopy(model)
+    assert clone.forward.__self__ is clone
+    inputs = inputs_for("bert")
+    assert torch.equal(output_of(clone, inputs), output_of(model, inputs))

@@ -7,11 +7,13 @@ Hugging Face PEFT also reads::
     model = get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"]))
 """
 
+from peftkit.analysis import RelevanceReport, interpolate, relevance_scores
 from peftkit.config import PeftConfig, PeftType, TargetedConfig, TaskType
 from peftkit.core.registry import Method, get_method, list_methods, register_method
 from peftkit.core.state import AdapterStateError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.targeting import TargetError
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora.adaptive import RankAllocator
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
 
 __version__ = "0.1.0"
@@ -23,6 +25,8 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftType",
+    "RankAllocator",
+    "RelevanceReport",
     "TargetError",
     "TargetedConfig",
     "TaskType",
@@ -30,7 +34,9 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "interpolate",
     "list_methods",
     "register_method",
+    "relevance_scores",
     "set_peft_model_state_dict",
 ]

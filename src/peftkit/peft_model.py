@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +49,7 @@ class PeftModel(nn.Module):
         self.set_adapter(adapter_name)
         if _uses_gradient_checkpointing(model):
             enable_input_require_grads(model)
+        _adopt_forward_signature(self)
 
     # -- pass-through ---------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -270,6 +273,32 @@ class PeftModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+
+
+def _adopt_forward_signature(peft_model: PeftModel) -> None:
+    """Gives this instance's ``forward`` the wrapped model's signature (plus ``adapter_names``),
+    so tools that inspect it (the transformers ``Trainer`` keeps only the dataset columns
+    ``forward`` names) see the real inputs. A per-instance function object carries the
+    signature; binding it with ``MethodType`` keeps ``copy.deepcopy`` working."""
+    try:
+        inner = inspect.signature(peft_model.get_base_model().forward)
+    except (TypeError, ValueError):
+        return
+    params = list(inner.parameters.values())
+    if "adapter_names" not in inner.parameters:
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        params.insert(at, extra)
+    params.insert(0, inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    template = PeftModel.forward
+    func = types.FunctionType(template.__code__, template.__globals__, "forward", template.__defaults__, template.__closure__)
+    func.__kwdefaults__ = template.__kwdefaults__
+    func.__doc__ = template.__doc__
+    try:
+        func.__signature__ = inner.replace(parameters=params)  # type: ignore[attr-defined]
+    except ValueError:  # parameter order the signature cannot express; keep the generic one
+        return
+    peft_model.forward = types.MethodType(func, peft_model)  # type: ignore[method-assign]
 
 
 def _uses_gradient_checkpointing(model: nn.Module) -> bool:

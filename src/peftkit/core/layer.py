@@ -146,6 +146,12 @@ class AdapterLayer(nn.Module):
             self.unmerge()
         return self.base_layer
 
+    # -- strength (WiSE-FT interpolation) ------------------------------------------------
+    def scale_adapter(self, adapter_name: str, alpha: float) -> None:
+        """Sets the adapter's strength relative to how it was trained: 0 = no effect,
+        1 = as trained. Calls are not cumulative."""
+        raise NotImplementedError(f"{type(self).__name__} adapters cannot be scaled; interpolate merged weights instead")
+
     # -- forward helpers --------------------------------------------------------------
     def adapters_to_run(self) -> list[str]:
         """Active adapters that are not merged (and so must run in forward)."""

@@ -25,6 +25,7 @@ class ModulesToSaveWrapper(AdapterLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.modules_to_save = nn.ModuleDict()
+        self._trained: dict[str, dict[str, torch.Tensor]] = {}
 
     def add_adapter(self, adapter_name: str, config: Any = None, module_name: str = "") -> None:
         trained = copy.deepcopy(self.base_layer)
@@ -44,6 +45,19 @@ class ModulesToSaveWrapper(AdapterLayer):
         if merge and self.active_adapters:
             return self.modules_to_save[self.active_adapters[0]]
         return self.base_layer
+
+    @torch.no_grad()
+    def scale_adapter(self, adapter_name: str, alpha: float) -> None:
+        """Trained copy becomes ``(1-α)·original + α·trained``, parameter by parameter."""
+        trained = self._trained.setdefault(
+            adapter_name, {k: v.detach().clone() for k, v in self.modules_to_save[adapter_name].named_parameters()}
+        )
+        original = dict(self.base_layer.named_parameters())
+        for key, param in self.modules_to_save[adapter_name].named_parameters():
+            param.copy_(torch.lerp(original[key].to(param.dtype), trained[key], alpha))
+
+    def forget_adapter(self, adapter_name: str) -> None:
+        self._trained.pop(adapter_name, None)
 
     def _module_for(self, name: str | None) -> nn.Module:
         return self.base_layer if name is None else self.modules_to_save[name]

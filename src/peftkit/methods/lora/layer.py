@@ -55,6 +55,7 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self._merge_norms: dict[str, torch.Tensor] = {}
+        self._trained_scaling: dict[str, float] = {}
 
     # -- kind-specific pieces (overridden) ---------------------------------------------
     def weight_view(self) -> torch.Tensor:
@@ -88,7 +89,7 @@ class LoraLayer(AdapterLayer):
             raise
 
     def forget_adapter(self, adapter_name: str) -> None:
-        for d in (self.r, self.lora_alpha, self.scaling, self._merge_norms):
+        for d in (self.r, self.lora_alpha, self.scaling, self._merge_norms, self._trained_scaling):
             d.pop(adapter_name, None)
         if adapter_name in self.lora_dropout:
             del self.lora_dropout[adapter_name]
@@ -125,6 +126,15 @@ class LoraLayer(AdapterLayer):
         w = self.weight_view()
         norm = LF.dora_weight_norm(w + delta.to(w.dtype)).detach()
         return self.lora_magnitude_vector[name].flatten() / norm
+
+    def scale_adapter(self, adapter_name: str, alpha: float) -> None:
+        """``ΔW(α) = α·ΔW``: the scaling becomes α times its trained value."""
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError("unmerge the adapter before scaling it")
+        if adapter_name in self.lora_magnitude_vector:
+            raise ValueError("a DoRA adapter is not additive and cannot be scaled; interpolate merged weights instead")
+        trained = self._trained_scaling.setdefault(adapter_name, self.scaling[adapter_name])
+        self.scaling[adapter_name] = trained * alpha
 
     # -- merging -----------------------------------------------------------------------
     @torch.no_grad()
