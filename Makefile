@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	HF_HUB_OFFLINE=1 $(BIN)/peftkit train examples/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -ra

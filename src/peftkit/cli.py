@@ -1,0 +1,195 @@
+"""The ``peftkit`` command: train, eval, predict, merge, inspect, methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _load_run(run_dir: str) -> tuple[Any, Any, Any, list[Any] | None]:
+    """The run's config, the base model with its trained adapter, tokenizer and labels."""
+    from peftkit import PeftModel
+    from peftkit.train.config import ConfigError, build_config
+    from peftkit.train.modeling import load_model_and_tokenizer
+
+    import yaml
+
+    config_path = os.path.join(run_dir, "config.yaml")
+    adapter_dir = os.path.join(run_dir, "adapter")
+    if not os.path.isfile(config_path) or not os.path.isdir(adapter_dir):
+        raise ConfigError(f"{run_dir!r} is not a finished run folder (config.yaml and adapter/ expected)")
+    with open(config_path, encoding="utf-8") as fh:
+        cfg = build_config(yaml.safe_load(fh))
+    labels = None
+    labels_path = os.path.join(run_dir, "labels.json")
+    if os.path.isfile(labels_path):
+        with open(labels_path, encoding="utf-8") as fh:
+            labels = json.load(fh)
+    model, tokenizer = load_model_and_tokenizer(cfg, labels)
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    return cfg, model, tokenizer, labels
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peftkit.train import load_config, run_training
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_training(cfg, resume=args.resume, quiet=args.quiet)
+    return 130 if result.get("interrupted") else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peftkit.train.data import Collator, Encoder, read_records
+    from peftkit.train.evaluate import evaluate
+
+    cfg, model, tokenizer, labels = _load_run(args.run)
+    records = read_records(args.data)
+    encoder = Encoder(cfg.task, tokenizer, cfg.data, cfg.model.max_length, labels)
+    items = [encoder.encode(r) for r in records]
+    result = evaluate(model, items, Collator(tokenizer.pad_token_id or 0, cfg.task), cfg)
+    print(json.dumps({"examples": len(items), **result}, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    cfg, model, tokenizer, labels = _load_run(args.run)
+    if args.input:
+        from peftkit.train.data import read_records
+
+        texts = [str(r.get(cfg.data.text_column, r.get(cfg.data.prompt_column, ""))) for r in read_records(args.input)]
+    else:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    model.eval()
+    for start in range(0, len(texts), 32):
+        chunk = texts[start : start + 32]
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=cfg.model.max_length, return_tensors="pt")
+        with torch.no_grad():
+            if cfg.task == "classification":
+                pred = model(**enc).logits.argmax(-1).tolist()
+                for text, p in zip(chunk, pred, strict=True):
+                    print(f"{labels[p] if labels else p}\t{text}")
+            else:
+                tokenizer.padding_side = "left"
+                enc = tokenizer(chunk, padding=True, return_tensors="pt")
+                out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
+                if cfg.task == "causal_lm":
+                    out = out[:, enc["input_ids"].shape[1] :]
+                for text, ids in zip(chunk, out, strict=True):
+                    print(f"{text}\t{tokenizer.decode(ids, skip_special_tokens=True)}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    _, model, tokenizer, _ = _load_run(args.run)
+    merged = model.merge_and_unload()
+    tmp = args.out.rstrip("/") + ".tmp"
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(args.out):
+        raise SystemExit(f"{args.out} exists; choose a new folder")
+    os.replace(tmp, args.out)
+    print(f"merged model written to {args.out} (load it with transformers' from_pretrained)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig, AutoModel
+
+    from peftkit.core.targeting import find_targets
+    from peftkit.integrations.transformers import is_linear_like
+    from peftkit.train.modeling import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    model = AutoModel.from_pretrained(path) if os.path.isdir(path) else AutoModel.from_config(AutoConfig.from_pretrained(path))
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__}: {total:,} parameters")
+    for name, module in model.named_modules():
+        depth = name.count(".") + 1 if name else 0
+        if depth > args.depth:
+            continue
+        own = sum(p.numel() for p in module.parameters())
+        print(f"{'  ' * depth}{name or '(model)'}  {type(module).__name__}  {own:,}")
+    kinds: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if is_linear_like(module):
+            kinds[name.rsplit(".", 1)[-1]] = kinds.get(name.rsplit(".", 1)[-1], 0) + 1
+    print("\nlinear layers by name (target_modules for LoRA, (IA)³, ...):")
+    for kind, count in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind}: {count}")
+    from peftkit.core.registry import get_method, list_methods
+
+    print("\ndefault targets per method:")
+    for peft_type in list_methods():
+        method = get_method(peft_type)
+        if method.default_targets is None:
+            continue
+        try:
+            spec = method.default_targets(model)
+            targets = find_targets(model, spec, is_supported=method.is_supported, supported=method.supported)
+            print(f"  {peft_type}: {len(targets)} modules, e.g. {targets[:3]}")
+        except Exception as exc:  # noqa: BLE001 - a method that does not apply says why
+            print(f"  {peft_type}: not applicable ({exc})")
+    return 0
+
+
+def cmd_methods(_: argparse.Namespace) -> int:
+    from peftkit import list_methods
+
+    methods = list_methods()
+    width = max(len(k) for k in methods)
+    for name, description in methods.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune a model as a YAML config says")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 method.r=16")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="metrics of a trained run on a data file")
+    p.add_argument("run")
+    p.add_argument("--data", required=True)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("predict", help="labels (classification) or generations for texts from a file or stdin")
+    p.add_argument("run")
+    p.add_argument("--input")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("merge", help="write a merged model folder loadable by transformers")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("inspect", help="module tree, parameter counts and target names")
+    p.add_argument("model")
+    p.add_argument("--depth", type=int, default=2)
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("methods", help="list the methods")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from peftkit.train.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"peftkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
