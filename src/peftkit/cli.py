@@ -13,11 +13,11 @@ __all__ = ["main"]
 
 def _load_run(run_dir: str) -> tuple[Any, Any, Any, list[Any] | None]:
     """The run's config, the base model with its trained adapter, tokenizer and labels."""
+    import yaml
+
     from peftkit import PeftModel
     from peftkit.train.config import ConfigError, build_config
     from peftkit.train.modeling import load_model_and_tokenizer
-
-    import yaml
 
     config_path = os.path.join(run_dir, "config.yaml")
     adapter_dir = os.path.join(run_dir, "adapter")
@@ -134,7 +134,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             spec = method.default_targets(model)
             targets = find_targets(model, spec, is_supported=method.is_supported, supported=method.supported)
             print(f"  {peft_type}: {len(targets)} modules, e.g. {targets[:3]}")
-        except Exception as exc:  # noqa: BLE001 - a method that does not apply says why
+        except Exception as exc:
             print(f"  {peft_type}: not applicable ({exc})")
     return 0
 

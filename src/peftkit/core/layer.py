@@ -38,6 +38,15 @@ class AdapterLayer(nn.Module):
         # Set for one forward call by `per_example_adapters`: an adapter name per example.
         self.example_adapters: Sequence[str] | None = None
 
+    # Model code reads these of the modules it calls (T5 checks `self.wo.weight.dtype`).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     # -- adapters ---------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["RunConfig", "ModelSection", "DataSection", "TrainSection", "ConfigError", "load_config", "TASKS"]
+__all__ = ["TASKS", "ConfigError", "DataSection", "ModelSection", "RunConfig", "TrainSection", "load_config"]
 
 TASKS = ("classification", "causal_lm", "seq2seq")
 TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
@@ -271,7 +271,7 @@ def method_config(config: RunConfig) -> Any:
         if key not in fields:
             raise ConfigError(f"unknown option method.{key} for {peft_type}{_closest(key, list(fields))}")
         hint = hints.get(key)
-        if hint in (int, float, bool, str) or get_origin(hint) in (Union, types.UnionType) and all(a in (int, float, bool, str, type(None)) for a in get_args(hint)):
+        if hint in (int, float, bool, str) or (get_origin(hint) in (Union, types.UnionType) and all(a in (int, float, bool, str, type(None)) for a in get_args(hint))):
             value = _coerce(value, hint, f"method.{key}")
         kwargs[key] = value
     if "task_type" in fields and "task_type" not in kwargs:

@@ -14,7 +14,7 @@ import torch
 
 from peftkit.train.config import ConfigError, DataSection
 
-__all__ = ["read_records", "TaskData", "prepare_task_data", "Collator", "batch_order"]
+__all__ = ["Collator", "TaskData", "batch_order", "prepare_task_data", "read_records"]
 
 IGNORE_INDEX = -100
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["evaluate", "metric_direction", "classification_metrics"]
+__all__ = ["classification_metrics", "evaluate", "metric_direction"]
 
 _LOWER_IS_BETTER = ("eval_loss", "perplexity")
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from peftkit.core.io import atomic_write_text, save_tensors
 from peftkit.train.config import RunConfig, method_config
-from peftkit.train.data import Collator, Encoder, batch_order, iterate, prepare_task_data
+from peftkit.train.data import Collator, Encoder, batch_order, prepare_task_data
 from peftkit.train.evaluate import evaluate, metric_direction
 from peftkit.train.modeling import load_model_and_tokenizer
 
@@ -199,7 +199,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
     window_loss, window_n = 0.0, 0
     interrupted = False
     try:
-        while state["step"] < total_steps:
+        while state["step"] < total_steps and not state.get("stopped_early"):
             order = batch_order(lengths, t.batch_size, t.seed, state["epoch"], t.group_by_length)
             usable = len(order) - len(order) % t.grad_accum
             micro = state["batch"]
@@ -255,12 +255,12 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
                         checkpoint()
                         if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
                             log(f"early stopping: {metric_name} did not improve in {state['bad_evals']} evaluations")
-                            state["step"] = total_steps
+                            state["stopped_early"] = True
                     elif t.checkpoint_every and step % t.checkpoint_every == 0:
                         checkpoint()
                     if _interrupt_at is not None and step == _interrupt_at:
                         raise KeyboardInterrupt
-                    if state["step"] >= total_steps:
+                    if state["step"] >= total_steps or state.get("stopped_early"):
                         break
             else:
                 state["epoch"] += 1
@@ -323,6 +323,7 @@ def _summary(cfg: RunConfig, model: Any, state: dict[str, Any], adapter_dir: str
         "metric_before": state["metric_before"],
         "metric_after": after,
         "best_step": state["best_step"],
+        "stopped_early": bool(state.get("stopped_early")),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_share": trainable / max(1, total),

@@ -9,7 +9,7 @@ import torch
 
 from peftkit.train.config import ConfigError, RunConfig
 
-__all__ = ["resolve_model_path", "load_model_and_tokenizer", "MODEL_ALIASES"]
+__all__ = ["MODEL_ALIASES", "load_model_and_tokenizer", "resolve_model_path"]
 
 MODEL_ALIASES = ("minilm",)
 
@@ -27,7 +27,12 @@ def resolve_model_path(name: str) -> str:
 
 def load_model_and_tokenizer(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
     import transformers
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
