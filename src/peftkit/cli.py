@@ -139,6 +139,100 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from peftkit.train.compare import compare
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = compare(args.config, names, out_dir=args.out, tolerance=args.tolerance, overrides=args.overrides)
+    return 0 if any(r.status == "ok" for r in result["rows"]) else 1
+
+
+def cmd_relevance(args: argparse.Namespace) -> int:
+    import torch
+
+    from peftkit.analysis import relevance_scores
+    from peftkit.train import load_config
+    from peftkit.train.data import Collator, Encoder, prepare_task_data
+    from peftkit.train.modeling import load_model_and_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    data = prepare_task_data(cfg.task, cfg.data, cfg.train.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg, data.labels)
+    encoder = Encoder(cfg.task, tokenizer, cfg.data, cfg.model.max_length, data.labels)
+    items = [encoder.encode(r) for r in data.train[: args.examples]]
+    collate = Collator(tokenizer.pad_token_id or 0, cfg.task)
+    batches = [collate(items[i : i + cfg.train.batch_size]) for i in range(0, len(items), cfg.train.batch_size)]
+    torch.manual_seed(cfg.train.seed)
+    report = relevance_scores(model, batches)
+    print(report.table(args.score, limit=args.top))
+    print("\nby layer:", {k: f"{v:.3e}" for k, v in report.by_layer(args.score).items()})
+    print("by kind: ", {k: f"{v:.3e}" for k, v in report.by_kind(args.score).items()})
+    out = args.out or os.path.join(cfg.output_dir, "relevance")
+    os.makedirs(out, exist_ok=True)
+    report.plot(os.path.join(out, "relevance.png"), args.score)
+    targets = report.lora_targets(args.share, args.score)
+    proposal = {"method": {"name": "lora", "target_modules": targets,
+                           "rank_pattern": report.rank_pattern(targets, args.mean_rank, score=args.score)},
+                "layers_for_partial_finetuning": report.top_layers(args.top_layers, args.score)}
+    import yaml
+
+    from peftkit.core.io import atomic_write_text
+
+    atomic_write_text(os.path.join(out, "scores.json"), report.to_json() + "\n")
+    atomic_write_text(os.path.join(out, "proposal.yaml"), yaml.safe_dump(proposal, sort_keys=False))
+    print(f"\n{len(targets)} modules cover {args.share:.0%} of the {args.score} score; proposal written to {out}/proposal.yaml")
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from peftkit.analysis import interpolate
+    from peftkit.train.data import Collator, Encoder, read_records
+    from peftkit.train.evaluate import evaluate
+
+    cfg, model, tokenizer, labels = _load_run(args.run)
+    encoder = Encoder(cfg.task, tokenizer, cfg.data, cfg.model.max_length, labels)
+    collate = Collator(tokenizer.pad_token_id or 0, cfg.task)
+    sets = {"in": args.eval}
+    if args.eval_ood:
+        sets["ood"] = args.eval_ood
+    items = {k: [encoder.encode(r) for r in read_records(v)] for k, v in sets.items()}
+    metric = cfg.train.metric or ("accuracy" if cfg.task == "classification" else "eval_loss")
+    alphas = [float(a) for a in args.alphas.split(",")]
+    curves: dict[str, list[float]] = {k: [] for k in items}
+    print("alpha  " + "  ".join(f"{k:>8}" for k in items))
+    for alpha in alphas:
+        interpolate(model, alpha)
+        row = []
+        for key, its in items.items():
+            value = evaluate(model, its, collate, cfg)[metric]
+            curves[key].append(value)
+            row.append(f"{value:8.4f}")
+        print(f"{alpha:5.2f}  " + "  ".join(row))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for key, values in curves.items():
+            ax.plot(alphas, values, "o-", label={"in": "in-distribution", "ood": "out-of-distribution"}[key])
+        ax.set_xlabel("alpha (0 = pretrained, 1 = fine-tuned)")
+        ax.set_ylabel(metric)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.run, "interpolation.png"), dpi=110)
+        plt.close(fig)
+    except ImportError:
+        pass
+    if args.save is not None:
+        interpolate(model, args.save)
+        target = os.path.join(args.run, f"adapter_alpha_{args.save:g}")
+        model.save_pretrained(target)
+        print(f"adapter at alpha={args.save:g} written to {target}")
+    return 0
+
+
 def cmd_methods(_: argparse.Namespace) -> int:
     from peftkit import list_methods
 
@@ -175,6 +269,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--depth", type=int, default=2)
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("compare", help="train several methods on the same budget and report")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. full,lora,ia3,bitfit,adapter,prompt,top2,sparse")
+    p.add_argument("--out")
+    p.add_argument("--tolerance", type=float, default=0.01)
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("relevance", help="score modules and layers for the task; propose targets")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--examples", type=int, default=256)
+    p.add_argument("--score", choices=["fisher", "saliency"], default="fisher")
+    p.add_argument("--share", type=float, default=0.8)
+    p.add_argument("--mean-rank", type=int, default=8)
+    p.add_argument("--top-layers", type=int, default=2)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_relevance)
+    p = sub.add_parser("interpolate", help="WiSE-FT: evaluate (1-a)·pretrained + a·fine-tuned")
+    p.add_argument("run")
+    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--eval", required=True)
+    p.add_argument("--eval-ood")
+    p.add_argument("--save", type=float)
+    p.set_defaults(func=cmd_interpolate)
     p = sub.add_parser("methods", help="list the methods")
     p.set_defaults(func=cmd_methods)
     return parser

@@ -128,7 +128,8 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
 
     save_names = _modules_to_save_names(model, config)
     target_spec = config.target_modules  # type: ignore[attr-defined]
-    if target_spec is None and method.default_targets is not None:
+    defaulted = target_spec is None and method.default_targets is not None
+    if defaulted:
         target_spec = method.default_targets(model)
 
     def supported(module: nn.Module) -> bool:
@@ -185,6 +186,8 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     base_params = method.trainable_base_parameters(model, config, targets) if method.trainable_base_parameters else []
     model._peftkit_base_params = getattr(model, "_peftkit_base_params", {})  # type: ignore[assignment]
     model._peftkit_base_params[adapter_name] = base_params  # type: ignore[index]
+    if defaulted:  # the saved config names the targets, so every reader applies the same ones
+        config.target_modules = target_spec  # type: ignore[attr-defined]
     return targets
 
 

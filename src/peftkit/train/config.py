@@ -97,6 +97,7 @@ class RunConfig:
     method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
     train: TrainSection = field(default_factory=TrainSection)
     output_dir: str = "runs/peftkit"
+    compare: dict[str, Any] = field(default_factory=dict)  # per-method settings for `peftkit compare`
 
     def task_type(self) -> str:
         return TASK_TYPES[self.task]
@@ -214,6 +215,7 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
         method=dict(method),
         train=_section(TrainSection, raw.get("train"), "train"),
         output_dir=str(raw.get("output_dir", "runs/peftkit")),
+        compare=dict(raw.get("compare") or {}),
     )
     for attr in ("train", "validation"):
         path = getattr(config.data, attr)

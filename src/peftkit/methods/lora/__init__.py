@@ -36,6 +36,19 @@ def _trained_biases(model: nn.Module, config: LoraConfig, targets: list[str]) ->
     return out
 
 
+# Attention projections that LoRA adapts by default, per naming convention (query and value,
+# as in the LoRA paper); models that match none get every linear layer.
+_DEFAULT_PAIRS = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"), ("c_attn",), ("qkv",), ("query_key_value",))
+
+
+def _default_targets(model: nn.Module) -> list[str] | str:
+    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_lora_supported(module)}
+    for pair in _DEFAULT_PAIRS:
+        if all(p in leaves for p in pair):
+            return list(pair)
+    return "all-linear"
+
+
 METHOD = register_method(
     Method(
         peft_type="LORA",
@@ -46,6 +59,7 @@ METHOD = register_method(
         create_layer=create_lora_layer,
         check_target=check_lora_target,
         trainable_base_parameters=_trained_biases,
+        default_targets=_default_targets,
         extra={"combine": add_weighted_lora},
     )
 )
