@@ -18,6 +18,8 @@ from torch import nn
 __all__ = ["BASE_ADAPTER", "AdapterLayer", "adapter_layers", "per_example_adapters"]
 
 BASE_ADAPTER = "__base__"
+# Where an in-place adapter (see core/inplace.py) is attached to a model: a plain attribute.
+IN_PLACE_ATTRIBUTE = "_peftkit_in_place"
 
 
 class AdapterLayer(nn.Module):
@@ -37,6 +39,15 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         # Set for one forward call by `per_example_adapters`: an adapter name per example.
         self.example_adapters: Sequence[str] | None = None
+
+    # Model code reads these of the modules it calls (T5 checks `self.wo.weight.dtype`).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     # -- adapters ---------------------------------------------------------------------
     @property
@@ -176,6 +187,11 @@ class AdapterLayer(nn.Module):
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """``(module name, layer)`` for every adapter layer of ``model``; an attached in-place
+    adapter (which is not a submodule) comes first, with the name ``""``."""
+    attached = model.__dict__.get(IN_PLACE_ATTRIBUTE)
+    if isinstance(attached, AdapterLayer):
+        yield "", attached
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             yield name, module

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.config import PeftConfig
+from peftkit.core.inplace import InPlaceAdapter, attached_in_place
 from peftkit.core.layer import AdapterLayer, adapter_layers
 from peftkit.core.modules_to_save import ModulesToSaveWrapper
 from peftkit.core.registry import Method, method_for_config
@@ -105,6 +106,15 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     if adapter_name in existing:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
 
+    attached = attached_in_place(model)
+    if method.create_layer is None and attached is not None:
+        raise ValueError(
+            f"the model already holds the in-place adapter {attached.name!r}; a "
+            f"{method.peft_type} adapter trains the model's own weights, so a model holds one. Start from a fresh "
+            "copy of the base model."
+        )
+    if method.prepare_config is not None:
+        method.prepare_config(model, config)
     save_names = _modules_to_save_names(model, config)
     target_spec = config.target_modules  # type: ignore[attr-defined]
     if target_spec is None and method.default_targets is not None:
@@ -125,11 +135,13 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
         layers_pattern=getattr(config, "layers_pattern", None),
         skip=list(save_names) + _internal_names(model),
     )
+    # An in-place method names its parameters now: any error leaves the model as it was.
+    in_place_params = method.trainable_base_parameters(model, config, targets) if method.create_layer is None else []
     # Build every new layer before touching the model; extend existing layers last, with rollback.
     new_layers: list[tuple[str, nn.Module]] = []
     extended: list[AdapterLayer] = []
     try:
-        for name in targets:
+        for name in targets if method.create_layer is not None else ():
             module = model.get_submodule(name)
             if isinstance(module, AdapterLayer):
                 module.add_adapter(adapter_name, config, name)
@@ -153,7 +165,13 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
         if isinstance(layer, AdapterLayer) and not layer.active_adapters:
             layer.set_active([adapter_name])
         _set_module(model, name, layer)
-    base_params = method.trainable_base_parameters(model, config, targets) if method.trainable_base_parameters else []
+    base_params: list[str] = []
+    if method.create_layer is None:
+        # The adapter is these parameters themselves (it attaches itself to the model).
+        keep = bool(getattr(config, "keep_original", False))
+        InPlaceAdapter(model, adapter_name, in_place_params, method.peft_type, keep)
+    elif method.trainable_base_parameters is not None:
+        base_params = method.trainable_base_parameters(model, config, targets)
     model._peftkit_base_params = getattr(model, "_peftkit_base_params", {})  # type: ignore[assignment]
     model._peftkit_base_params[adapter_name] = base_params  # type: ignore[index]
     return targets
