@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
 from peftkit.config import TargetedConfig
 
@@ -59,3 +59,12 @@ class IA3Config(TargetedConfig):
                     f"feedforward_modules {outside} are not in target_modules {self.target_modules}: a feed-forward "
                     "module must also be a target; add it to target_modules or drop it from feedforward_modules"
                 )
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the base class, without the unset block selection, which Hugging Face PEFT's
+        config of this method does not have (it would warn about unknown keys)."""
+        out = super().to_dict()
+        for key in ("layers_to_transform", "layers_pattern"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out

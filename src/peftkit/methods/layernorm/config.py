@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from peftkit.config import TargetedConfig
 
@@ -35,3 +35,12 @@ class LNTuningConfig(TargetedConfig):
     """
 
     peft_type: ClassVar[str] = "LN_TUNING"
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the base class, without the unset block selection, which Hugging Face PEFT's
+        config of this method does not have (it would warn about unknown keys)."""
+        out = super().to_dict()
+        for key in ("layers_to_transform", "layers_pattern"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out

@@ -89,9 +89,9 @@ def layerwise_param_groups(
 class GradualUnfreezer:
     """Unfreezes the blocks of a model from the top, one more per epoch (or per ``schedule``).
 
-    At construction every trainable parameter inside the blocks is frozen; parameters
-    outside them (a classification head) keep training throughout. Call :meth:`step` at
-    the start of each epoch. Build the optimiser over :meth:`parameters` (all parameters
+    At construction the blocks are set as for epoch 0 (by default only the top block
+    trains); parameters outside the blocks (a classification head) keep training
+    throughout. Call :meth:`step` at the start of each epoch. Build the optimiser over :meth:`parameters` (all parameters
     the unfreezer manages, frozen or not, plus the rest) — frozen parameters get no
     gradient and optimisers skip them.
 
@@ -127,7 +127,7 @@ class GradualUnfreezer:
                 "Make them trainable first (e.g. LayerwiseConfig(top_layers=<all blocks>))"
             )
         self.unfrozen = 0
-        self._apply(0)
+        self.step(0)
 
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter the unfreezer manages and the other trainable ones."""
