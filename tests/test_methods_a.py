@@ -677,3 +677,16 @@ def test_list_methods_describes_each_method():
         assert len(methods[peft_type]) > 30
     assert isinstance(PeftConfig.from_dict({"peft_type": "IA3"}), IA3Config)
     assert isinstance(PeftConfig.from_dict({"peft_type": "LAYERWISE", "top_layers": 1}), LayerwiseConfig)
+
+
+def test_an_adapter_added_while_another_is_merged_starts_from_the_original_values():
+    kind = "bert"
+    inputs = inputs_for(kind)
+    for config in (LNTuningConfig, BitFitConfig):
+        model = get_peft_model(fresh(kind), config(), "a")
+        _randomise(model)
+        model.merge_adapter()
+        model.add_adapter("b", config())
+        model.unmerge_adapter()
+        model.set_adapter("b")
+        assert torch.equal(output_of(model, inputs), base_output(kind))

@@ -34,7 +34,8 @@ def call_with_parameters(module: nn.Module, params: dict[str, torch.Tensor], *ar
     Linear, GPT-2 ``Conv1D``, convolutions and LayerNorm take a direct path; any other
     module goes through ``torch.func.functional_call`` (same result, more overhead).
     """
-    if len(args) == 1 and not kwargs:
+    # The direct paths skip the module's hooks (accelerate's offloading uses them).
+    if len(args) == 1 and not kwargs and not module._forward_hooks and not module._forward_pre_hooks:
         x = args[0]
         kind = type(module)
         weight = params.get("weight", getattr(module, "weight", None))
@@ -108,6 +109,10 @@ class ParameterCopyLayer(AdapterLayer):
                 p.requires_grad_(True)
         else:
             holder = ParameterCopy(self.base_layer, names, dtype)
+        if self._originals:  # other adapters are merged: start from the original values
+            with torch.no_grad():
+                for n in names:
+                    getattr(holder, n).copy_(self._originals[n])
         self.copies[adapter_name] = holder
 
     # -- the values in use ---------------------------------------------------------

@@ -93,7 +93,8 @@ class GradualUnfreezer:
     trains); parameters outside the blocks (a classification head) keep training
     throughout. Call :meth:`step` at the start of each epoch. Build the optimiser over :meth:`parameters` (all parameters
     the unfreezer manages, frozen or not, plus the rest) — frozen parameters get no
-    gradient and optimisers skip them.
+    gradient and optimisers skip them. ``PeftModel.set_adapter()`` and ``add_adapter()``
+    reset which parameters train; call :meth:`step` again after them.
 
     Args:
         model: the model (a :class:`~peftkit.PeftModel` or any module). Its parameters
