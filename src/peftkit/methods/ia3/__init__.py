@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Union
+from typing import Union
 
 from torch import nn
 
@@ -96,11 +96,6 @@ def prepare_ia3_config(model: nn.Module, config: IA3Config) -> None:
         config.feedforward_modules = copy.copy(defaults[1]) if defaults is not None else []
 
 
-def _default_targets(model: nn.Module) -> Any:
-    found = architecture_defaults(model)
-    return None if found is None else found[0]
-
-
 METHOD = register_method(
     Method(
         peft_type="IA3",
@@ -109,7 +104,6 @@ METHOD = register_method(
         supported=SUPPORTED,
         is_supported=is_ia3_supported,
         create_layer=create_ia3_layer,
-        default_targets=_default_targets,
-        prepare_config=prepare_ia3_config,
+        prepare_config=prepare_ia3_config,  # default targets, written into the saved config
     )
 )

@@ -58,7 +58,6 @@ METHOD = register_method(
         supported=SUPPORTED,
         is_supported=is_norm,
         create_layer=create_ln_tuning_layer,
-        default_targets=norm_modules,
-        prepare_config=prepare_ln_tuning_config,
+        prepare_config=prepare_ln_tuning_config,  # every norm, written into the saved config
     )
 )
