@@ -12,6 +12,11 @@ from peftkit.config import PeftConfig, PeftType, TargetedConfig, TaskType
 from peftkit.core.registry import Method, get_method, list_methods, register_method
 from peftkit.core.state import AdapterStateError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.targeting import TargetError
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.full import FullFineTuningConfig
+from peftkit.methods.ia3 import IA3Config
+from peftkit.methods.layernorm import LNTuningConfig
+from peftkit.methods.layerwise import GradualUnfreezer, LayerwiseConfig, layerwise_param_groups
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lora.adaptive import RankAllocator
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
@@ -20,6 +25,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterStateError",
+    "BitFitConfig",
+    "FullFineTuningConfig",
+    "GradualUnfreezer",
+    "IA3Config",
+    "LNTuningConfig",
+    "LayerwiseConfig",
     "LoraConfig",
     "Method",
     "PeftConfig",
@@ -35,6 +46,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "interpolate",
+    "layerwise_param_groups",
     "list_methods",
     "register_method",
     "relevance_scores",

@@ -35,6 +35,10 @@ class PeftType(str, enum.Enum):
 
     LORA = "LORA"
     IA3 = "IA3"
+    LN_TUNING = "LN_TUNING"
+    BITFIT = "BITFIT"
+    LAYERWISE = "LAYERWISE"
+    FULL = "FULL"
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     P_TUNING = "P_TUNING"

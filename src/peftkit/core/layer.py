@@ -18,6 +18,8 @@ from torch import nn
 __all__ = ["BASE_ADAPTER", "AdapterLayer", "adapter_layers", "per_example_adapters"]
 
 BASE_ADAPTER = "__base__"
+# Where an in-place adapter (see core/inplace.py) is attached to a model: a plain attribute.
+IN_PLACE_ATTRIBUTE = "_peftkit_in_place"
 
 
 class AdapterLayer(nn.Module):
@@ -191,6 +193,11 @@ class AdapterLayer(nn.Module):
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """``(module name, layer)`` for every adapter layer of ``model``; an attached in-place
+    adapter (which is not a submodule) comes first, with the name ``""``."""
+    attached = model.__dict__.get(IN_PLACE_ATTRIBUTE)
+    if isinstance(attached, AdapterLayer):
+        yield "", attached
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             yield name, module

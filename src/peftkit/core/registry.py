@@ -33,13 +33,18 @@ class Method:
         supported: human-readable list of the module types the method can wrap.
         is_supported: whether a module can be wrapped.
         create_layer: ``(module, adapter_name, config, module_name) -> AdapterLayer``
-            wraps a target module with a new adapter.
+            wraps a target module with a new adapter. None for a method that wraps nothing
+            and trains the model's own parameters in place (``trainable_base_parameters``
+            names them; see ``core/inplace.py``).
         trainable_base_parameters: ``(model, config, target_names) -> [param names]`` of
             existing parameters the method trains and saves with the adapter (e.g. biases).
         default_targets: ``(model) -> target spec`` used when ``target_modules`` is None.
         check_target: ``(module, config, module_name) -> None`` raises when the config cannot
             adapt this module (called for every target before the model is changed; the
             module may be an existing adapter layer of the method).
+        prepare_config: ``(model, config) -> None`` fills model-dependent fields of the
+            config (default targets, say) before anything is matched, so that the saved
+            config names them explicitly.
     """
 
     peft_type: str
@@ -47,11 +52,16 @@ class Method:
     description: str
     supported: str
     is_supported: Callable[[nn.Module], bool]
-    create_layer: Callable[[nn.Module, str, Any, str], AdapterLayer]
+    create_layer: Callable[[nn.Module, str, Any, str], AdapterLayer] | None
     trainable_base_parameters: Callable[[nn.Module, Any, list[str]], list[str]] | None = None
     default_targets: Callable[[nn.Module], Any] | None = None
     check_target: Callable[[nn.Module, Any, str], None] | None = None
+    prepare_config: Callable[[nn.Module, Any], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.create_layer is None and self.trainable_base_parameters is None:
+            raise ValueError(f"{self.peft_type}: an in-place method (create_layer=None) needs trainable_base_parameters")
 
 
 _REGISTRY: dict[str, Method] = {}

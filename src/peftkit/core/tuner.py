@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.config import PeftConfig
+from peftkit.core.inplace import InPlaceAdapter, attached_in_place
 from peftkit.core.layer import BASE_ADAPTER, AdapterLayer, adapter_layers
 from peftkit.core.modules_to_save import ModulesToSaveWrapper
 from peftkit.core.registry import Method, method_for_config
@@ -126,10 +127,18 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     if adapter_name in existing:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
 
+    attached = attached_in_place(model)
+    if method.create_layer is None and attached is not None:
+        raise ValueError(
+            f"the model already holds the in-place adapter {attached.name!r}; a "
+            f"{method.peft_type} adapter trains the model's own weights, so a model holds one. Start from a fresh "
+            "copy of the base model."
+        )
+    if method.prepare_config is not None:
+        method.prepare_config(model, config)
     save_names = _modules_to_save_names(model, config)
     target_spec = config.target_modules  # type: ignore[attr-defined]
-    defaulted = target_spec is None and method.default_targets is not None
-    if defaulted:
+    if target_spec is None and method.default_targets is not None:
         target_spec = method.default_targets(model)
 
     def supported(module: nn.Module) -> bool:
@@ -150,11 +159,13 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     if method.check_target is not None:
         for name in targets:
             method.check_target(model.get_submodule(name), config, name)
+    # An in-place method names its parameters now: any error leaves the model as it was.
+    in_place_params = method.trainable_base_parameters(model, config, targets) if method.create_layer is None else []
     # Build every new layer before touching the model; extend existing layers last, with rollback.
     new_layers: list[tuple[str, nn.Module]] = []
     extended: list[AdapterLayer] = []
     try:
-        for name in targets:
+        for name in targets if method.create_layer is not None else ():
             module = model.get_submodule(name)
             if isinstance(module, AdapterLayer):
                 module.add_adapter(adapter_name, config, name)
@@ -183,11 +194,15 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
             layer.set_active([adapter_name])
         layer.train(model.get_submodule(name).training)
         _set_module(model, name, layer)
-    base_params = method.trainable_base_parameters(model, config, targets) if method.trainable_base_parameters else []
+    base_params: list[str] = []
+    if method.create_layer is None:
+        # The adapter is these parameters themselves (it attaches itself to the model).
+        keep = bool(getattr(config, "keep_original", False))
+        InPlaceAdapter(model, adapter_name, in_place_params, method.peft_type, keep)
+    elif method.trainable_base_parameters is not None:
+        base_params = method.trainable_base_parameters(model, config, targets)
     model._peftkit_base_params = getattr(model, "_peftkit_base_params", {})  # type: ignore[assignment]
     model._peftkit_base_params[adapter_name] = base_params  # type: ignore[index]
-    if defaulted:  # the saved config names the targets, so every reader applies the same ones
-        config.target_modules = target_spec  # type: ignore[attr-defined]
     return targets
 
 

@@ -41,6 +41,12 @@ def _trained_biases(model: nn.Module, config: LoraConfig, targets: list[str]) ->
 _DEFAULT_PAIRS = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"), ("c_attn",), ("qkv",), ("query_key_value",))
 
 
+def _prepare_config(model: nn.Module, config: LoraConfig) -> None:
+    """Names the default targets in the config, so the saved file lists them."""
+    if config.target_modules is None:
+        config.target_modules = _default_targets(model)
+
+
 def _default_targets(model: nn.Module) -> list[str] | str:
     leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_lora_supported(module)}
     for pair in _DEFAULT_PAIRS:
@@ -59,7 +65,7 @@ METHOD = register_method(
         create_layer=create_lora_layer,
         check_target=check_lora_target,
         trainable_base_parameters=_trained_biases,
-        default_targets=_default_targets,
+        prepare_config=_prepare_config,
         extra={"combine": add_weighted_lora},
     )
 )
