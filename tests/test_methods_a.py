@@ -690,3 +690,12 @@ def test_an_adapter_added_while_another_is_merged_starts_from_the_original_value
         model.unmerge_adapter()
         model.set_adapter("b")
         assert torch.equal(output_of(model, inputs), base_output(kind))
+
+
+def test_ia3_model_moves_between_devices_and_dtypes():
+    """`.to()` walks every module's `_apply`; an adapter layer must not shadow it."""
+    from peftkit import IA3Config
+
+    model = get_peft_model(build("bert"), IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]))
+    model.to(torch.float64).to(torch.float32).to("cpu")
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -31,8 +31,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {"method": {"name": "full"}, "train": {"lr": 5e-5}},
     "lora": {"method": {"name": "lora", "r": 8, "lora_alpha": 16}, "train": {"lr": 1e-3}},
     "dora": {"method": {"name": "lora", "r": 8, "lora_alpha": 16, "use_dora": True}, "train": {"lr": 1e-3}},
-    "ia3": {"method": {"name": "ia3"}, "train": {"lr": 5e-3}},
-    "bitfit": {"method": {"name": "bitfit"}, "train": {"lr": 5e-3}},
+    "ia3": {"method": {"name": "ia3"}, "train": {"lr": 1e-2}},
+    "bitfit": {"method": {"name": "bitfit"}, "train": {"lr": 1e-2}},
     "layernorm": {"method": {"name": "ln_tuning"}, "train": {"lr": 5e-3}},
     "adapter": {"method": {"name": "bottleneck"}, "train": {"lr": 1e-3}},
     "prompt": {"method": {"name": "prompt_tuning", "num_virtual_tokens": 20}, "train": {"lr": 3e-2}},
@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sparse": {"method": {"name": "sparse", "density": 0.01}, "train": {"lr": 1e-3}},
 }
 for _k in (1, 2, 3, 4):
-    PRESETS[f"top{_k}"] = {"method": {"name": "layerwise", "top_k": _k}, "train": {"lr": 1e-4}}
+    PRESETS[f"top{_k}"] = {"method": {"name": "layerwise", "top_layers": _k}, "train": {"lr": 1e-4}}
 
 COLUMNS = ["method", "status", "metric", "trainable", "share", "peak_memory_mib", "train_seconds", "tokens_per_second", "adapter_bytes", "latency_ms", "note"]
 

@@ -103,7 +103,7 @@ class IA3Layer(AdapterLayer):
                 scale = v if scale is None else scale * v
         return scale
 
-    def _apply(self, names: Sequence[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _run_scaled(self, names: Sequence[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``l_out ⊙ base(l_in ⊙ x)`` with the products of the adapters' vectors."""
         scale_in = self._scales(names, feedforward=True)
         if scale_in is not None:
@@ -120,9 +120,9 @@ class IA3Layer(AdapterLayer):
             result = self.base_layer(x, *args, **kwargs)
             for name, idx in groups:
                 idx = idx.to(x.device)
-                result = result.index_copy(0, idx, self._apply([name], x[idx], *args, **kwargs))
+                result = result.index_copy(0, idx, self._run_scaled([name], x[idx], *args, **kwargs))
             return result
-        return self._apply(self.adapters_to_run(), x, *args, **kwargs)
+        return self._run_scaled(self.adapters_to_run(), x, *args, **kwargs)
 
     # -- merging -----------------------------------------------------------------------
     def _factor(self, adapter_name: str) -> torch.Tensor:
