@@ -20,6 +20,7 @@ from peftkit.methods.layerwise import GradualUnfreezer, LayerwiseConfig, layerwi
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lora.adaptive import RankAllocator
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
+from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,9 @@ __all__ = [
     "interpolate",
     "layerwise_param_groups",
     "list_methods",
+    "memory_report",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
     "register_method",
     "relevance_scores",
     "set_peft_model_state_dict",

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
+from peftkit.integrations.bitsandbytes import dequantize, quantized_kind, set_weight, to_float_linear
 from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.lora import functional as LF
 from peftkit.methods.lora.config import LoraConfig
@@ -61,6 +62,9 @@ class LoraLayer(AdapterLayer):
     def weight_view(self) -> torch.Tensor:
         """The base weight in the layout ``delta(name)`` returns (a view, not a copy)."""
         return self.base_layer.weight
+
+    def write_weight(self, weight: torch.Tensor) -> None:
+        """Stores a weight changed by merging (a no-op where ``weight_view`` is a view)."""
 
     def make_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         raise NotImplementedError
@@ -148,6 +152,7 @@ class LoraLayer(AdapterLayer):
             w.add_(delta).mul_(scale.view(-1, *([1] * (w.dim() - 1))))
         else:
             w.add_(delta)
+        self.write_weight(w)
 
     @torch.no_grad()
     def unmerge_one(self, adapter_name: str) -> None:
@@ -159,6 +164,7 @@ class LoraLayer(AdapterLayer):
             w.div_(scale.view(-1, *([1] * (w.dim() - 1)))).sub_(delta)
         else:
             w.sub_(delta)
+        self.write_weight(w)
 
     # -- forward -----------------------------------------------------------------------
     def branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -209,11 +215,33 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_transformers_conv1d(base_layer)
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        # 4-/8-bit bases (bitsandbytes) store packed weights: their float weight is dequantised
+        # on demand and merged weights are quantised again.
+        self.quantized = quantized_kind(base_layer)
+        if self.quantized or isinstance(base_layer, nn.Linear):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            w = base_layer.weight
+            self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
 
     def weight_view(self) -> torch.Tensor:
+        if self.quantized:
+            return dequantize(self.base_layer)
         return self.base_layer.weight.T if self.fan_in_fan_out else self.base_layer.weight
+
+    def write_weight(self, weight: torch.Tensor) -> None:
+        if self.quantized:
+            set_weight(self.base_layer, weight)
+
+    def unload(self, merge: bool) -> nn.Module:
+        """On a quantised base, merging gives a float ``nn.Linear``: dequantised W₀ plus the
+        update, computed in float32 (so the merged model carries W₀'s quantisation error,
+        but no second rounding)."""
+        if not (merge and self.quantized):
+            return super().unload(merge)
+        self.base_layer = to_float_linear(self.base_layer)
+        self.quantized = None
+        return super().unload(merge)
 
     def make_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
@@ -318,6 +346,8 @@ def check_lora_target(module: nn.Module, config: LoraConfig, module_name: str) -
     init = config.init_lora_weights
     if isinstance(init, str) and init.startswith("pissa") and not (isinstance(base, nn.Linear) or is_transformers_conv1d(base)):
         raise ValueError(f"{module_name}: init_lora_weights='pissa' needs a linear layer, not {kind}")
+    if isinstance(init, str) and init.startswith("pissa") and quantized_kind(base):
+        raise ValueError(f"{module_name}: init_lora_weights='pissa' rewrites the base weight and needs a float layer, not a quantised {kind}")
     if config.fan_in_fan_out and isinstance(base, nn.Linear):
         raise ValueError(f"{module_name}: fan_in_fan_out=True but it is an nn.Linear (weight stored out × in)")
 

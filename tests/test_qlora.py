@@ -1,0 +1,104 @@
+"""QLoRA on CPU: quantised bases (bitsandbytes NF4 / int8) with LoRA beside them."""
+
+from __future__ import annotations
+
+import builtins
+import copy
+
+import pytest
+import torch
+from models import build, inputs_for, output_of
+
+from peftkit import LoraConfig, PeftModel, get_peft_model, memory_report, prepare_model_for_kbit_training, quantize_model
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _train(model, inputs, steps=8, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_llama_is_close_to_float(bits):
+    inputs = inputs_for("llama")
+    ref = output_of(build("llama"), inputs)
+    q = quantize_model(build("llama"), bits=bits)
+    kinds = {type(m).__name__ for m in q.modules()}
+    assert ("Linear4bit" if bits == 4 else "Linear8bitLt") in kinds
+    assert type(q.lm_head) is torch.nn.Linear  # the output head stays in full precision
+    out = output_of(q, inputs)
+    assert (out - ref).abs().mean() < 0.1 * ref.abs().mean() + 0.05
+    report = memory_report(q)
+    assert report["quantized_bytes"] > 0 and report["trainable_bytes"] == 0
+
+
+def test_nf4_weights_take_a_fraction_of_float32():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512))
+    linear_fp32 = sum(m.weight.numel() * 4 for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head")
+    quantize_model(model, bits=4, double_quant=True)
+    assert memory_report(model)["quantized_bytes"] <= 0.16 * linear_fp32
+
+
+def test_lora_on_4bit_trains_saves_and_serves_on_float(tmp_path):
+    inputs = inputs_for("llama")
+    q = prepare_model_for_kbit_training(quantize_model(build("llama"), bits=4), gradient_checkpointing=False)
+    model = get_peft_model(q, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    losses = _train(model, inputs)
+    assert losses[-1] < losses[0]
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    quant_out = output_of(model, inputs)
+    model.save_pretrained(tmp_path)
+    # train on 4-bit, serve on float: the same adapter file on the float base
+    served = PeftModel.from_pretrained(build("llama"), tmp_path)
+    float_out = output_of(served, inputs)
+    assert (float_out - quant_out).abs().mean() < 0.1 * quant_out.abs().mean() + 0.05
+    # merge_and_unload gives float linear layers: dequantised base plus the update
+    before = output_of(model, inputs)
+    merged = model.merge_and_unload()
+    assert not any("Linear4bit" in type(m).__name__ for m in merged.modules())
+    torch.testing.assert_close(output_of(merged, inputs), before, rtol=1e-3, atol=1e-3)
+
+
+def test_merge_and_unmerge_on_quantised_base_requantise():
+    inputs = inputs_for("llama")
+    model = get_peft_model(quantize_model(build("llama"), bits=8), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    unmerged = output_of(model, inputs)
+    model.merge_adapter()
+    assert (output_of(model, inputs) - unmerged).abs().max() < 0.05 * unmerged.abs().max()
+    model.unmerge_adapter()
+    assert (output_of(model, inputs) - unmerged).abs().max() < 0.05 * unmerged.abs().max()
+
+
+def test_clear_errors(monkeypatch):
+    with pytest.raises(TypeError, match="Conv1D cannot be quantised"):
+        quantize_model(build("gpt2"))
+    with pytest.raises(ValueError, match="skip_modules"):
+        quantize_model(build("llama"), skip_modules=["not_there"])
+    with pytest.raises(ValueError, match="pissa"):
+        get_peft_model(quantize_model(build("llama")), LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"))
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError("no bitsandbytes")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    model = build("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        quantize_model(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
