@@ -12,6 +12,7 @@ from peftkit.core.registry import Method, get_method, list_methods, register_met
 from peftkit.core.state import AdapterStateError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.targeting import TargetError
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
 
 __version__ = "0.1.0"
@@ -23,6 +24,9 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "TargetError",
     "TargetedConfig",
     "TaskType",

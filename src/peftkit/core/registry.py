@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
     from peftkit.config import PeftConfig
     from peftkit.core.layer import AdapterLayer
+    from peftkit.core.model_adapter import ModelAdapter
 
-__all__ = ["Method", "register_method", "get_method", "list_methods"]
+__all__ = ["Method", "get_method", "list_methods", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -33,20 +34,29 @@ class Method:
         supported: human-readable list of the module types the method can wrap.
         is_supported: whether a module can be wrapped.
         create_layer: ``(module, adapter_name, config, module_name) -> AdapterLayer``
-            wraps a target module with a new adapter.
+            wraps a target module with a new adapter. None for methods that wrap no module
+            (their config has no ``target_modules``).
         trainable_base_parameters: ``(model, config, target_names) -> [param names]`` of
             existing parameters the method trains and saves with the adapter (e.g. biases).
         default_targets: ``(model) -> target spec`` used when ``target_modules`` is None.
+        create_model_adapter: ``(model, config, adapter_name) -> ModelAdapter`` for methods
+            that act on the model as a whole (its inputs, its attention cache). It may fill
+            in config fields derived from the model. ``PeftModel`` routes ``forward`` and
+            ``generate`` through the active one.
+        file_key_prefix: prefix of file keys for tensors inside the wrapped model (e.g. a
+            trained classification head); None means ``base_model.model.``.
     """
 
     peft_type: str
     config_cls: type[PeftConfig]
     description: str
-    supported: str
-    is_supported: Callable[[nn.Module], bool]
-    create_layer: Callable[[nn.Module, str, Any, str], AdapterLayer]
+    supported: str = ""
+    is_supported: Callable[[nn.Module], bool] | None = None
+    create_layer: Callable[[nn.Module, str, Any, str], AdapterLayer] | None = None
     trainable_base_parameters: Callable[[nn.Module, Any, list[str]], list[str]] | None = None
     default_targets: Callable[[nn.Module], Any] | None = None
+    create_model_adapter: Callable[[nn.Module, Any, str], ModelAdapter] | None = None
+    file_key_prefix: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

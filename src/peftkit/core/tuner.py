@@ -7,7 +7,7 @@ method-specific comes from the registry.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from torch import nn
@@ -66,9 +66,14 @@ def _internal_names(model: nn.Module) -> list[str]:
 
 def _modules_to_save_names(model: nn.Module, config: PeftConfig) -> list[str]:
     wanted = list(getattr(config, "modules_to_save", None) or [])
-    heads = [h for h in task_head_names(config.task_type) if h not in wanted]
+    task_heads = task_head_names(config.task_type)
+    heads = [h for h in task_heads if h not in wanted]
     found = find_modules_to_save(model, wanted + heads)
-    explicit_missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in found)]
+    # A task's head names are alternatives (a SEQ_CLS model has a `classifier` or a `score`);
+    # files written by Hugging Face PEFT list them all in modules_to_save.
+    explicit_missing = [
+        w for w in wanted if w not in task_heads and not any(n == w or n.endswith("." + w) for n in found)
+    ]
     if explicit_missing:
         from peftkit.core.targeting import TargetError, _close_names
 
@@ -104,6 +109,9 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     existing = {n for _, layer in adapter_layers(model) for n in layer.adapter_names}
     if adapter_name in existing:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
+    if method.create_layer is None:  # a model-level method (see core/model_adapter.py): no module to wrap
+        _wrap_modules_to_save(model, config, adapter_name)
+        return []
 
     save_names = _modules_to_save_names(model, config)
     target_spec = config.target_modules  # type: ignore[attr-defined]
@@ -160,14 +168,42 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     return targets
 
 
+def _wrap_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    """Adds ``adapter_name`` to the ``modules_to_save`` of a method that wraps no module."""
+    new_layers: list[tuple[str, ModulesToSaveWrapper]] = []
+    extended: list[ModulesToSaveWrapper] = []
+    try:
+        for name in _modules_to_save_names(model, config):
+            module = model.get_submodule(name)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add_adapter(adapter_name)
+                extended.append(module)
+            else:
+                wrapper = ModulesToSaveWrapper(module)
+                wrapper.add_adapter(adapter_name)
+                new_layers.append((name, wrapper))
+    except Exception:
+        for layer in extended:
+            layer.delete_adapter(adapter_name)
+        raise
+    for name, layer in new_layers:
+        layer.train(layer.base_layer.training)
+        layer.set_active([adapter_name])
+        _set_module(model, name, layer)
+    model._peftkit_base_params = getattr(model, "_peftkit_base_params", {})  # type: ignore[assignment]
+    model._peftkit_base_params[adapter_name] = []  # type: ignore[index]
+
+
 def adapter_base_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:
     """Existing parameters of ``model`` that adapter ``adapter_name`` trains and saves."""
     return list(getattr(model, "_peftkit_base_params", {}).get(adapter_name, []))
 
 
-def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
+def set_active_adapters(model: nn.Module, names: str | Sequence[str], also_known: Collection[str] = ()) -> None:
+    """Activates ``names`` in every adapter layer. ``also_known``: adapter names that are
+    valid though no layer carries them (model-level adapters)."""
     names = [names] if isinstance(names, str) else list(names)
-    known = {n for _, layer in adapter_layers(model) for n in layer.adapter_names}
+    known = {n for _, layer in adapter_layers(model) for n in layer.adapter_names} | set(also_known)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; loaded adapters: {sorted(known)}")
@@ -194,9 +230,11 @@ def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], active: Seq
                 params[pname].requires_grad_(True)
 
 
-def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+def delete_adapter(model: nn.Module, adapter_name: str, missing_ok: bool = False) -> None:
+    """Removes ``adapter_name`` from every layer; ``missing_ok``: no error when no layer
+    carries it (a model-level adapter without modules to save)."""
     layers = [layer for _, layer in adapter_layers(model) if adapter_name in layer.adapter_names]
-    if not layers:
+    if not layers and not missing_ok:
         known = sorted({n for _, layer in adapter_layers(model) for n in layer.adapter_names})
         raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {known}")
     for layer in layers:
