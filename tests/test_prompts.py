@@ -509,3 +509,15 @@ def test_task_type_is_inferred_and_recorded():
     assert get_peft_model(build("gpt2"), config_for("prompt", None)).peft_config["default"].task_type == "CAUSAL_LM"
     assert get_peft_model(build("bert"), config_for("prompt", None)).peft_config["default"].task_type == "SEQ_CLS"
     assert get_peft_model(build("t5"), config_for("prompt", None)).peft_config["default"].task_type == "SEQ_2_SEQ_LM"
+
+
+def test_seq2seq_encoder_outputs_computed_with_the_prompt_can_be_reused():
+    model = get_peft_model(lively("t5"), config_for("prompt", "SEQ_2_SEQ_LM")).eval()
+    perturb(model)
+    inputs = batch_for("t5", (7, 5))
+    want = logits(model, inputs)
+    with torch.no_grad():
+        first = model(**inputs)
+    reused = {"encoder_outputs": (first.encoder_last_hidden_state,), "attention_mask": inputs["attention_mask"],
+              "decoder_input_ids": inputs["decoder_input_ids"]}
+    torch.testing.assert_close(logits(model, reused), want)

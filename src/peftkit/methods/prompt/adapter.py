@@ -154,6 +154,14 @@ class PromptAdapter(ModelAdapter):
             _update(kw, "attention_mask", prepend_ones, n)
             _update(kw, "position_ids", shift_positions, n)
             return kw
+        if task == _SEQ2SEQ and kw.get("input_ids") is None and kw.get("inputs_embeds") is None:
+            # Encoder outputs computed earlier (by this model) hold the prompt already; a mask
+            # that covers only the caller's tokens is extended to them.
+            encoded = kw.get("encoder_outputs")
+            mask = kw.get("attention_mask")
+            if encoded is not None and mask is not None and mask.shape[1] + n == encoded[0].shape[1]:
+                kw["attention_mask"] = prepend_ones(mask, n)
+            return kw
         embeds = kw.pop("inputs_embeds", None)
         input_ids = kw.pop("input_ids", None)
         if embeds is None:
@@ -289,7 +297,8 @@ class _GenerationSettings:
     def default_mask(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
         """As transformers infers it: padding masked when the pad token differs from EOS."""
         if input_ids is None:
-            assert embeds is not None
+            if embeds is None:
+                raise ValueError("pass input_ids or inputs_embeds")
             return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         pad, eos = self._first("pad_token_id"), self.get("eos_token_id")
         eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
