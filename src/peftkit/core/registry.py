@@ -34,8 +34,8 @@ class Method:
         supported: human-readable list of the module types the method can wrap.
         is_supported: whether a module can be wrapped.
         create_layer: ``(module, adapter_name, config, module_name) -> AdapterLayer``
-            wraps a target module with a new adapter. None for methods that wrap no module
-            (their config has no ``target_modules``).
+            wraps a target module with a new adapter. None for a method with a
+            ``create_model_adapter`` (it wraps no module; its config has no ``target_modules``).
         trainable_base_parameters: ``(model, config, target_names) -> [param names]`` of
             existing parameters the method trains and saves with the adapter (e.g. biases).
         default_targets: ``(model) -> target spec`` used when ``target_modules`` is None.
@@ -50,14 +50,18 @@ class Method:
     peft_type: str
     config_cls: type[PeftConfig]
     description: str
-    supported: str = ""
-    is_supported: Callable[[nn.Module], bool] | None = None
-    create_layer: Callable[[nn.Module, str, Any, str], AdapterLayer] | None = None
+    supported: str
+    is_supported: Callable[[nn.Module], bool]
+    create_layer: Callable[[nn.Module, str, Any, str], AdapterLayer] | None
     trainable_base_parameters: Callable[[nn.Module, Any, list[str]], list[str]] | None = None
     default_targets: Callable[[nn.Module], Any] | None = None
     create_model_adapter: Callable[[nn.Module, Any, str], ModelAdapter] | None = None
     file_key_prefix: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.create_layer is None and self.create_model_adapter is None:
+            raise ValueError(f"{self.peft_type}: a method needs create_layer (it wraps modules) or create_model_adapter")
 
 
 _REGISTRY: dict[str, Method] = {}

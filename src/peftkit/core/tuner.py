@@ -109,7 +109,7 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     existing = {n for _, layer in adapter_layers(model) for n in layer.adapter_names}
     if adapter_name in existing:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
-    if method.create_layer is None:  # a model-level method (see core/model_adapter.py): no module to wrap
+    if method.create_model_adapter is not None:  # acts on the model as a whole: no module to wrap
         _wrap_modules_to_save(model, config, adapter_name)
         return []
 

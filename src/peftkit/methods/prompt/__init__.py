@@ -65,6 +65,10 @@ def create_prompt_adapter(model: nn.Module, config: PromptLearningConfig, adapte
     return PromptAdapter(config, initial_tokens(config, spec, embedding), spec, uses_cache)
 
 
+def _no_module(_module: nn.Module) -> bool:
+    return False
+
+
 def _register(peft_type: str, config_cls: Any, description: str) -> Method:
     return register_method(
         Method(
@@ -72,6 +76,8 @@ def _register(peft_type: str, config_cls: Any, description: str) -> Method:
             config_cls=config_cls,
             description=description,
             supported="no modules: the model's inputs (input embeddings or attention cache)",
+            is_supported=_no_module,
+            create_layer=None,
             create_model_adapter=create_prompt_adapter,
             # PEFT writes module tensors of these methods (a classification head) as `base_model.<path>`.
             file_key_prefix="base_model.",
