@@ -19,6 +19,7 @@ from peftkit.methods.layernorm import LNTuningConfig
 from peftkit.methods.layerwise import GradualUnfreezer, LayerwiseConfig, layerwise_param_groups
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lora.adaptive import RankAllocator
+from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
 from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model
 
@@ -37,6 +38,9 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "RankAllocator",
     "RelevanceReport",
     "TargetError",

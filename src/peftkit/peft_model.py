@@ -17,6 +17,7 @@ from peftkit.config import PeftConfig
 from peftkit.core import tuner
 from peftkit.core.io import WEIGHTS_NAME, atomic_write_text, load_tensors, resolve_adapter_dir, save_tensors
 from peftkit.core.layer import adapter_layers, per_example_adapters
+from peftkit.core.model_adapter import ModelAdapter
 from peftkit.core.registry import method_for_config
 from peftkit.core.state import get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.tuner import AdaptedModel
@@ -43,8 +44,11 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT) -> None:
         super().__init__()
         self.base_model = AdaptedModel(model)
+        # Adapters of methods that act on the model as a whole (see core/model_adapter.py).
+        self.model_adapters = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._model_adapters_disabled = False
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
         if _uses_gradient_checkpointing(model):
@@ -91,11 +95,22 @@ class PeftModel(nn.Module):
         peft_config = copy.deepcopy(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _model_name(self._model)
+        create_model_adapter = method_for_config(peft_config).create_model_adapter
+        model_adapter = create_model_adapter(self._model, peft_config, adapter_name) if create_model_adapter else None
         tuner.inject_adapter(self._model, peft_config, adapter_name)
+        if model_adapter is not None:
+            self.model_adapters[adapter_name] = model_adapter
         self.peft_config[adapter_name] = peft_config
         if self._active:  # layers created for the new adapter alone must not switch it on
-            tuner.set_active_adapters(self._model, self._active)
+            tuner.set_active_adapters(self._model, self._active, also_known=self.model_adapters.keys())
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
         tuner.mark_trainable(self._model, self.peft_config, self._active)
+        for name, model_adapter in self.model_adapters.items():
+            train = name in self._active and not self.peft_config[name].inference_mode
+            for p in model_adapter.parameters():
+                p.requires_grad_(train)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Makes ``adapter_name`` (or several, applied together) the active adapter(s)."""
@@ -103,22 +118,24 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"no adapter named {unknown}; loaded adapters: {sorted(self.peft_config)}")
-        tuner.set_active_adapters(self._model, names)
+        tuner.set_active_adapters(self._model, names, also_known=self.model_adapters.keys())
         self._active = names
-        tuner.mark_trainable(self._model, self.peft_config, names)
+        self._mark_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {sorted(self.peft_config)}")
-        tuner.delete_adapter(self._model, adapter_name)
+        tuner.delete_adapter(self._model, adapter_name, missing_ok=adapter_name in self.model_adapters)
+        if adapter_name in self.model_adapters:
+            del self.model_adapters[adapter_name]
         del self.peft_config[adapter_name]
         remaining = [n for n in self._active if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         self._active = remaining
         if remaining:
-            tuner.set_active_adapters(self._model, remaining)
-        tuner.mark_trainable(self._model, self.peft_config, remaining)
+            tuner.set_active_adapters(self._model, remaining, also_known=self.model_adapters.keys())
+        self._mark_trainable()
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -129,9 +146,11 @@ class PeftModel(nn.Module):
         layers = [layer for _, layer in adapter_layers(self._model)]
         for layer in layers:
             layer.disabled = True
+        self._model_adapters_disabled = True
         try:
             yield
         finally:
+            self._model_adapters_disabled = False
             for layer in layers:
                 layer.disabled = False
             for name, layer in adapter_layers(self._model):
@@ -141,7 +160,16 @@ class PeftModel(nn.Module):
     # -- merging --------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Folds the active adapters (or ``adapter_names``) into the base weights."""
+        self._refuse_merge_of_model_adapters()
         tuner.merge_adapters(self._model, adapter_names)
+
+    def _refuse_merge_of_model_adapters(self) -> None:
+        if self.model_adapters:
+            kind = type(next(iter(self.peft_config.values()))).peft_type
+            raise NotImplementedError(
+                f"{kind} adapters change what the model is fed, not its weights, so they cannot be merged; "
+                "keep using the PeftModel, or call unload() to get the base model back"
+            )
 
     def unmerge_adapter(self) -> None:
         tuner.unmerge_adapters(self._model)
@@ -149,10 +177,12 @@ class PeftModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """The base model with the active adapters folded into its weights and the adapter
         layers removed; trained ``modules_to_save`` replace the originals."""
+        self._refuse_merge_of_model_adapters()
         return tuner.unload_adapters(self._model, merge=True)
 
     def unload(self) -> nn.Module:
         """The base model as it was, adapter layers removed (weights unmerged first)."""
+        self.model_adapters.clear()
         return tuner.unload_adapters(self._model, merge=False)
 
     def add_weighted_adapter(
@@ -172,8 +202,8 @@ class PeftModel(nn.Module):
             raise NotImplementedError(f"{type(config).peft_type} adapters cannot be combined")
         new_config = combine(self._model, self.peft_config, adapters, weights, adapter_name, combination_type, svd_rank)
         self.peft_config[adapter_name] = new_config
-        tuner.set_active_adapters(self._model, self._active)
-        tuner.mark_trainable(self._model, self.peft_config, self._active)
+        tuner.set_active_adapters(self._model, self._active, also_known=self.model_adapters.keys())
+        self._mark_trainable()
 
     # -- parameters -----------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -194,16 +224,34 @@ class PeftModel(nn.Module):
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Calls the wrapped model. ``adapter_names`` gives one adapter per example (or
         ``"__base__"`` for none) and runs the mixed batch in one pass."""
+        model_adapter = self._active_model_adapter(adapter_names)
+        if model_adapter is not None:
+            return model_adapter.forward_model(self._model, args, kwargs)
         if adapter_names is None:
             return self._model(*args, **kwargs)
         with per_example_adapters(self._model, adapter_names):
             return self._model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        model_adapter = self._active_model_adapter(adapter_names)
+        if model_adapter is not None:
+            return model_adapter.generate_model(self._model, args, kwargs)
         if adapter_names is None:
             return self._model.generate(*args, **kwargs)
         with per_example_adapters(self._model, adapter_names):
             return self._model.generate(*args, **kwargs)
+
+    def _active_model_adapter(self, adapter_names: Sequence[str] | None) -> ModelAdapter | None:
+        """The model-level adapter that forward/generate go through, or None."""
+        if not self.model_adapters or self._model_adapters_disabled:
+            return None
+        active = [n for n in self._active if n in self.model_adapters]
+        kind = type(next(iter(self.peft_config.values()))).peft_type
+        if adapter_names is not None:
+            raise NotImplementedError(f"{kind} adapters cannot be chosen per example (adapter_names)")
+        if len(active) > 1:
+            raise ValueError(f"{kind} adapters {active} are active together; set_adapter() one of them")
+        return self.model_adapters[active[0]] if active else None
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self._model.gradient_checkpointing_enable(**kwargs)
@@ -344,6 +392,11 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = DEFAULT) -> nn.Module:
     """Adds an adapter to a plain module in place, without a :class:`PeftModel` wrapper.
     Parameter keys then have no ``base_model.model.`` prefix."""
+    if method_for_config(peft_config).create_model_adapter is not None:
+        raise ValueError(
+            f"{type(peft_config).peft_type} adapters change the model's inputs rather than its modules and need the "
+            "PeftModel wrapper: use get_peft_model(model, config)"
+        )
     tuner.inject_adapter(model, peft_config, adapter_name)
     configs = dict(getattr(model, "_peftkit_configs", {}) or {})
     configs[adapter_name] = peft_config

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from peftkit.config import PeftConfig
     from peftkit.core.layer import AdapterLayer
+    from peftkit.core.model_adapter import ModelAdapter
 
 __all__ = ["Method", "get_method", "list_methods", "register_method"]
 
@@ -33,9 +34,9 @@ class Method:
         supported: human-readable list of the module types the method can wrap.
         is_supported: whether a module can be wrapped.
         create_layer: ``(module, adapter_name, config, module_name) -> AdapterLayer``
-            wraps a target module with a new adapter. None for a method that wraps nothing
-            and trains the model's own parameters in place (``trainable_base_parameters``
-            names them; see ``core/inplace.py``).
+            wraps a target module with a new adapter. None for a method that wraps nothing:
+            one with a ``create_model_adapter``, or one that trains the model's own
+            parameters in place (``trainable_base_parameters`` names them; see ``core/inplace.py``).
         trainable_base_parameters: ``(model, config, target_names) -> [param names]`` of
             existing parameters the method trains and saves with the adapter (e.g. biases).
         default_targets: ``(model) -> target spec`` used when ``target_modules`` is None.
@@ -45,6 +46,12 @@ class Method:
         prepare_config: ``(model, config) -> None`` fills model-dependent fields of the
             config (default targets, say) before anything is matched, so that the saved
             config names them explicitly.
+        create_model_adapter: ``(model, config, adapter_name) -> ModelAdapter`` for methods
+            that act on the model as a whole (its inputs, its attention cache). It may fill
+            in config fields derived from the model. ``PeftModel`` routes ``forward`` and
+            ``generate`` through the active one.
+        file_key_prefix: prefix of file keys for tensors inside the wrapped model (e.g. a
+            trained classification head); None means ``base_model.model.``.
     """
 
     peft_type: str
@@ -57,11 +64,16 @@ class Method:
     default_targets: Callable[[nn.Module], Any] | None = None
     check_target: Callable[[nn.Module, Any, str], None] | None = None
     prepare_config: Callable[[nn.Module, Any], None] | None = None
+    create_model_adapter: Callable[[nn.Module, Any, str], ModelAdapter] | None = None
+    file_key_prefix: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.create_layer is None and self.trainable_base_parameters is None:
-            raise ValueError(f"{self.peft_type}: an in-place method (create_layer=None) needs trainable_base_parameters")
+        if self.create_layer is None and self.create_model_adapter is None and self.trainable_base_parameters is None:
+            raise ValueError(
+                f"{self.peft_type}: a method needs create_layer (it wraps modules), create_model_adapter (it acts on "
+                "the whole model) or trainable_base_parameters (it trains the model's own parameters in place)"
+            )
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -1,7 +1,9 @@
 """Adapter state dicts in the key layout of Hugging Face PEFT files.
 
 Keys are full module paths plus the parameter's key inside its adapter container with the
-adapter name removed: ``base_model.model.<path>.lora_A.weight``.
+adapter name removed: ``base_model.model.<path>.lora_A.weight``. A model-level adapter
+(:class:`~peftkit.core.model_adapter.ModelAdapter`) adds
+its own top-level keys, and its method may set another prefix for module keys.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 from torch import nn
 
 from peftkit.core.layer import adapter_layers
+from peftkit.core.model_adapter import ModelAdapter
+from peftkit.core.registry import method_for_config
 from peftkit.core.tuner import AdaptedModel, adapter_base_parameter_names
 
 __all__ = ["AdapterStateError", "get_peft_model_state_dict", "set_peft_model_state_dict"]
@@ -21,17 +25,30 @@ class AdapterStateError(ValueError):
     """An adapter file that does not fit the model."""
 
 
-def _roots(model: nn.Module) -> tuple[nn.Module, str]:
+def _roots(model: nn.Module, adapter_name: str) -> tuple[nn.Module, str]:
     """The module holding the adapters and the key prefix of its parameters."""
     base = model._modules.get("base_model")
     if isinstance(base, AdaptedModel):
-        return base.model, "base_model.model."
+        config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+        prefix = method_for_config(config).file_key_prefix if config is not None else None
+        return base.model, prefix if prefix is not None else "base_model.model."
     return model, ""
 
 
+def _model_adapter(model: nn.Module, adapter_name: str) -> ModelAdapter | None:
+    """The model-level adapter ``adapter_name`` of a PeftModel, if it has one."""
+    container = model._modules.get("model_adapters")
+    if container is not None and adapter_name in container._modules:
+        return container._modules[adapter_name]  # type: ignore[return-value]
+    return None
+
+
 def _expected(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    root, prefix = _roots(model)
+    root, prefix = _roots(model, adapter_name)
     out: dict[str, torch.Tensor] = {}
+    model_adapter = _model_adapter(model, adapter_name)
+    if model_adapter is not None:
+        out.update(model_adapter.adapter_state_dict())
     for name, layer in adapter_layers(root):
         for key, tensor in layer.adapter_state_dict(adapter_name).items():
             out[f"{prefix}{name}.{key}" if name else f"{prefix}{key}"] = tensor
@@ -68,8 +85,10 @@ def set_peft_model_state_dict(
     expected = _expected(model, adapter_name)
     if not expected:
         raise AdapterStateError(f"the model holds no adapter named {adapter_name!r}")
-    root, prefix = _roots(model)
+    root, prefix = _roots(model, adapter_name)
     base_params = {prefix + n: p for n, p in root.named_parameters()}
+    model_adapter = _model_adapter(model, adapter_name)
+    model_level = set(model_adapter.adapter_state_dict()) if model_adapter is not None else set()
     # A file may address the wrapped base of a layer (`x.base_layer.weight`) or the plain path.
     plan: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     base_keys: list[str] = []
@@ -98,6 +117,9 @@ def set_peft_model_state_dict(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise AdapterStateError(f"the adapter file lacks {shown}: it is incomplete or for another config")
     with torch.no_grad():
-        for _, target, value in plan:
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
+        for key, target, value in plan:
+            if key not in model_level:
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+    if model_adapter is not None:
+        model_adapter.load_adapter_state_dict({k: state[k] for k in model_level})
     return base_keys

@@ -7,7 +7,7 @@ method-specific comes from the registry.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from torch import nn
@@ -126,6 +126,9 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     existing = {n for _, layer in adapter_layers(model) for n in layer.adapter_names}
     if adapter_name in existing:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
+    if method.create_model_adapter is not None:  # acts on the model as a whole: no module to wrap
+        _wrap_modules_to_save(model, config, adapter_name)
+        return []
 
     attached = attached_in_place(model)
     if method.create_layer is None and attached is not None:
@@ -206,14 +209,42 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     return targets
 
 
+def _wrap_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    """Adds ``adapter_name`` to the ``modules_to_save`` of a method that wraps no module."""
+    new_layers: list[tuple[str, ModulesToSaveWrapper]] = []
+    extended: list[ModulesToSaveWrapper] = []
+    try:
+        for name in _modules_to_save_names(model, config):
+            module = model.get_submodule(name)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add_adapter(adapter_name)
+                extended.append(module)
+            else:
+                wrapper = ModulesToSaveWrapper(module)
+                wrapper.add_adapter(adapter_name)
+                new_layers.append((name, wrapper))
+    except Exception:
+        for layer in extended:
+            layer.delete_adapter(adapter_name)
+        raise
+    for name, layer in new_layers:
+        layer.train(layer.base_layer.training)
+        layer.set_active([adapter_name])
+        _set_module(model, name, layer)
+    model._peftkit_base_params = getattr(model, "_peftkit_base_params", {})  # type: ignore[assignment]
+    model._peftkit_base_params[adapter_name] = []  # type: ignore[index]
+
+
 def adapter_base_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:
     """Existing parameters of ``model`` that adapter ``adapter_name`` trains and saves."""
     return list(getattr(model, "_peftkit_base_params", {}).get(adapter_name, []))
 
 
-def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
+def set_active_adapters(model: nn.Module, names: str | Sequence[str], also_known: Collection[str] = ()) -> None:
+    """Activates ``names`` in every adapter layer. ``also_known``: adapter names that are
+    valid though no layer carries them (model-level adapters)."""
     names = [names] if isinstance(names, str) else list(names)
-    known = {n for _, layer in adapter_layers(model) for n in layer.adapter_names}
+    known = {n for _, layer in adapter_layers(model) for n in layer.adapter_names} | set(also_known)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; loaded adapters: {sorted(known)}")
@@ -240,9 +271,11 @@ def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], active: Seq
                 params[pname].requires_grad_(True)
 
 
-def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+def delete_adapter(model: nn.Module, adapter_name: str, missing_ok: bool = False) -> None:
+    """Removes ``adapter_name`` from every layer; ``missing_ok``: no error when no layer
+    carries it (a model-level adapter without modules to save)."""
     layers = [layer for _, layer in adapter_layers(model) if adapter_name in layer.adapter_names]
-    if not layers:
+    if not layers and not missing_ok:
         known = sorted({n for _, layer in adapter_layers(model) for n in layer.adapter_names})
         raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {known}")
     for layer in layers:
