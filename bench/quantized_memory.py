@@ -52,9 +52,9 @@ def one(name: str, mode: str, device: str) -> dict:
     model = _build(name)
     linear_fp32 = sum(m.weight.numel() * 4 for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in ("lm_head", "classifier"))
     compute = torch.bfloat16 if device == "cuda" else torch.float32
+    model.to(device)  # quantise where the model runs: 8-bit statistics do not follow a later .to()
     if mode != "fp32":
         quantize_model(model, bits=4 if mode == "nf4" else 8, quant_type="nf4", double_quant=True, compute_dtype=compute)
-    model.to(device)
     report = memory_report(model)
     targets = ["query", "key", "value", "dense"] if name == "minilm" else "all-linear"
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="SEQ_CLS" if name == "minilm" else "CAUSAL_LM"))
