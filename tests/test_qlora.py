@@ -7,9 +7,16 @@ import copy
 
 import pytest
 import torch
-from models import build, inputs_for, output_of
 
-from peftkit import LoraConfig, PeftModel, get_peft_model, memory_report, prepare_model_for_kbit_training, quantize_model
+from models import build, inputs_for, output_of
+from peftkit import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    memory_report,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -175,15 +175,7 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
                 extended.append(module)
             else:
                 new_layers.append((name, method.create_layer(module, adapter_name, config, name)))
-        for name in save_names:
-            module = model.get_submodule(name)
-            if isinstance(module, ModulesToSaveWrapper):
-                module.add_adapter(adapter_name)
-                extended.append(module)
-            else:
-                wrapper = ModulesToSaveWrapper(module)
-                wrapper.add_adapter(adapter_name)
-                new_layers.append((name, wrapper))
+        _add_saved_copies(model, save_names, adapter_name, new_layers, extended)
     except Exception:
         for layer in extended:
             layer.delete_adapter(adapter_name)
@@ -209,20 +201,29 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     return targets
 
 
+def _add_saved_copies(
+    model: nn.Module, names: list[str], adapter_name: str, new_layers: list[tuple[str, nn.Module]], extended: list[AdapterLayer]
+) -> None:
+    """Plans a trained copy of each ``modules_to_save`` module: existing wrappers get the new
+    adapter (recorded in ``extended`` for rollback), other modules a new wrapper (in
+    ``new_layers``, not yet placed in the model)."""
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add_adapter(adapter_name)
+            extended.append(module)
+        else:
+            wrapper = ModulesToSaveWrapper(module)
+            wrapper.add_adapter(adapter_name)
+            new_layers.append((name, wrapper))
+
+
 def _wrap_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
     """Adds ``adapter_name`` to the ``modules_to_save`` of a method that wraps no module."""
-    new_layers: list[tuple[str, ModulesToSaveWrapper]] = []
-    extended: list[ModulesToSaveWrapper] = []
+    new_layers: list[tuple[str, nn.Module]] = []
+    extended: list[AdapterLayer] = []
     try:
-        for name in _modules_to_save_names(model, config):
-            module = model.get_submodule(name)
-            if isinstance(module, ModulesToSaveWrapper):
-                module.add_adapter(adapter_name)
-                extended.append(module)
-            else:
-                wrapper = ModulesToSaveWrapper(module)
-                wrapper.add_adapter(adapter_name)
-                new_layers.append((name, wrapper))
+        _add_saved_copies(model, _modules_to_save_names(model, config), adapter_name, new_layers, extended)
     except Exception:
         for layer in extended:
             layer.delete_adapter(adapter_name)
