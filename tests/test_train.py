@@ -214,6 +214,17 @@ def test_resume_gives_the_uninterrupted_result(workspace, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
+def test_adaptive_lora_run_ends_at_its_budget(workspace, tmp_path):
+    cfg = build_config(_config(workspace, tmp_path / "ad", epochs=4, adaptive_target_r=2, adaptive_interval=2))
+    run_training(cfg, quiet=True)
+    saved = json.loads((tmp_path / "ad" / "adapter" / "adapter_config.json").read_text())
+    ranks = saved["rank_pattern"]
+    assert len(ranks) == 4 and sum(ranks.values()) == 2 * 4
+    shapes = load_file(tmp_path / "ad" / "adapter" / "adapter_model.safetensors")
+    for name, r in ranks.items():
+        assert shapes[f"base_model.model.{name}.lora_A.weight"].shape[0] == r
+
+
 def test_early_stopping_stops(workspace, tmp_path):
     # lr ~ 0: the metric never improves after the first evaluation
     cfg = build_config(_config(workspace, tmp_path / "e", epochs=5, lr=1e-12, eval_every=1, early_stopping_patience=2, warmup_ratio=0))

@@ -30,6 +30,7 @@ __all__ = ["PRESETS", "compare", "pareto_front", "recommend"]
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"method": {"name": "full"}, "train": {"lr": 5e-5}},
     "lora": {"method": {"name": "lora", "r": 8, "lora_alpha": 16}, "train": {"lr": 1e-3}},
+    "adaptive_lora": {"method": {"name": "lora", "r": 12, "lora_alpha": 24}, "train": {"lr": 1e-3, "adaptive_target_r": 4}},
     "dora": {"method": {"name": "lora", "r": 8, "lora_alpha": 16, "use_dora": True}, "train": {"lr": 1e-3}},
     "ia3": {"method": {"name": "ia3"}, "train": {"lr": 1e-2}},
     "bitfit": {"method": {"name": "bitfit"}, "train": {"lr": 1e-2}},

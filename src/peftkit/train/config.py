@@ -74,6 +74,9 @@ class TrainSection:
     group_by_length: bool = True
     checkpoint_every: int | None = None
     log_every: int = 10
+    # Adaptive LoRA: move rank between modules by importance, ending at this mean rank.
+    adaptive_target_r: int | None = None
+    adaptive_interval: int = 10
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):

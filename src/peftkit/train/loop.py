@@ -152,6 +152,11 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, int(t.warmup_ratio * total_steps), total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
+    allocator = None
+    if t.adaptive_target_r:
+        from peftkit.methods.lora.adaptive import RankAllocator
+
+        allocator = RankAllocator(inner, t.adaptive_target_r, total_steps, interval=t.adaptive_interval)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     if main:
@@ -223,6 +228,8 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
                         accelerator.clip_grad_norm_([p for _, p in named], t.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
+                    if allocator is not None:
+                        allocator.step(state["step"])
                     optimizer.zero_grad(set_to_none=True)
                     state["step"] += 1
                     state["batch"] = micro
@@ -276,7 +283,18 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
     if interrupted:
         return {"interrupted": True, "step": state["step"]}
 
-    if not val_items or state["best"] is None:
+    if allocator is not None:
+        # the run ends at its rank budget: the adapter saved is the final, pruned one
+        ranks = allocator.finalize()
+        log(f"adaptive LoRA: {sum(ranks.values())} rank components over {len(ranks)} modules")
+        state["best_step"] = state["step"]
+        if val_items:
+            result = evaluate(inner, val_items, collate, cfg, accelerator)
+            state["history"].append({"step": state["step"], **result})
+            write_metrics({"step": state["step"], **result})
+        if main:
+            inner.save_pretrained(best_dir)
+    elif not val_items or state["best"] is None:
         if main:
             inner.save_pretrained(best_dir)
     checkpoint()
