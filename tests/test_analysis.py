@@ -125,3 +125,21 @@ def test_interpolation_of_plain_full_finetuning():
     assert torch.equal(output_of(tuned_model, inputs), tuned)
     with pytest.raises(ValueError, match="pretrained"):
         interpolate(copy.deepcopy(pretrained), 0.5)
+
+
+def test_interpolation_of_in_place_full_finetuning():
+    from peftkit import FullFineTuningConfig
+
+    inputs = inputs_for("mlp")
+    pretrained = build("mlp")
+    model = get_peft_model(build("mlp"), FullFineTuningConfig())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    tuned = output_of(model, inputs)
+    interpolate(model, 0.0, pretrained=pretrained)
+    assert torch.equal(output_of(model, inputs), output_of(pretrained, inputs))
+    interpolate(model, 1.0, pretrained=pretrained)
+    assert torch.equal(output_of(model, inputs), tuned)
+    with pytest.raises(ValueError, match="pretrained"):
+        interpolate(model, 0.5)

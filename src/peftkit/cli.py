@@ -189,7 +189,10 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     from peftkit.train.data import Collator, Encoder, read_records
     from peftkit.train.evaluate import evaluate
 
+    from peftkit.train.modeling import load_model_and_tokenizer
+
     cfg, model, tokenizer, labels = _load_run(args.run)
+    pretrained, _ = load_model_and_tokenizer(cfg, labels)  # for weights the method trained in place
     encoder = Encoder(cfg.task, tokenizer, cfg.data, cfg.model.max_length, labels)
     collate = Collator(tokenizer.pad_token_id or 0, cfg.task)
     sets = {"in": args.eval}
@@ -201,7 +204,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     curves: dict[str, list[float]] = {k: [] for k in items}
     print("alpha  " + "  ".join(f"{k:>8}" for k in items))
     for alpha in alphas:
-        interpolate(model, alpha)
+        interpolate(model, alpha, pretrained=pretrained)
         row = []
         for key, its in items.items():
             value = evaluate(model, its, collate, cfg)[metric]
@@ -226,7 +229,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     if args.save is not None:
-        interpolate(model, args.save)
+        interpolate(model, args.save, pretrained=pretrained)
         target = os.path.join(args.run, f"adapter_alpha_{args.save:g}")
         model.save_pretrained(target)
         print(f"adapter at alpha={args.save:g} written to {target}")

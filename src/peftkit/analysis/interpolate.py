@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from peftkit.core.inplace import InPlaceAdapter
 from peftkit.core.layer import adapter_layers
 from peftkit.core.tuner import AdaptedModel, adapter_base_parameter_names
 
@@ -82,10 +83,14 @@ def interpolate(
         _lerp_parameters(inner, names, reference, alpha)
         return model
     name = adapter_name or getattr(model, "active_adapter", None) or layers[0][1].active_adapters[0]
-    for _, layer in layers:
-        if name in layer.adapter_names:
-            layer.scale_adapter(name, alpha)
     in_place = adapter_base_parameter_names(inner, name)
+    for _, layer in layers:
+        if name not in layer.adapter_names:
+            continue
+        if isinstance(layer, InPlaceAdapter):  # its adapter is the model's own parameters
+            in_place += layer.parameter_names
+        else:
+            layer.scale_adapter(name, alpha)
     if in_place:
         if reference is None:
             raise ValueError(
