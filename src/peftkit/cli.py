@@ -188,7 +188,6 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     from peftkit.analysis import interpolate
     from peftkit.train.data import Collator, Encoder, read_records
     from peftkit.train.evaluate import evaluate
-
     from peftkit.train.modeling import load_model_and_tokenizer
 
     cfg, model, tokenizer, labels = _load_run(args.run)
