@@ -13,6 +13,7 @@ from peftkit.core.registry import Method, get_method, list_methods, register_met
 from peftkit.core.state import AdapterStateError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.targeting import TargetError
 from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.full import FullFineTuningConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.layernorm import LNTuningConfig
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterStateError",
     "BitFitConfig",
+    "BottleneckConfig",
     "FullFineTuningConfig",
     "GradualUnfreezer",
     "IA3Config",
