@@ -21,6 +21,7 @@ from peftkit.methods.layerwise import GradualUnfreezer, LayerwiseConfig, layerwi
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lora.adaptive import RankAllocator
 from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftkit.methods.sparse import SparseConfig
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
 from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model
 
@@ -45,6 +46,7 @@ __all__ = [
     "PromptTuningConfig",
     "RankAllocator",
     "RelevanceReport",
+    "SparseConfig",
     "TargetError",
     "TargetedConfig",
     "TaskType",
