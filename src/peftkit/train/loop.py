@@ -121,6 +121,8 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
     log = (lambda *a: None) if quiet or not main else print
     set_seed(t.seed)
     started = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier run's in the same process
 
     data = prepare_task_data(cfg.task, cfg.data, t.seed)
     peft_config = method_config(cfg)
