@@ -180,13 +180,19 @@ class TargetedConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
-            elif value is not None and not isinstance(value, (str, list)):
-                raise TypeError(f"{name} must be a list of names or a regex string, got {type(value).__name__}")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
+        normalise_target_fields(self)
         if self.layers_to_transform is not None and self.layers_pattern is not None and not self.layers_pattern:
             raise ValueError("layers_pattern is empty; name the attribute holding the blocks, e.g. 'layers'")
+
+
+def normalise_target_fields(config: Any) -> None:
+    """Checks ``target_modules`` / ``exclude_modules`` / ``modules_to_save`` of a config and
+    turns sets and tuples into sorted lists (and a lone ``modules_to_save`` name into a list)."""
+    for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = getattr(config, name)
+        if isinstance(value, (set, tuple)):
+            setattr(config, name, sorted(value))
+        elif value is not None and not isinstance(value, (str, list)):
+            raise TypeError(f"{name} must be a list of names or a regex string, got {type(value).__name__}")
+    if isinstance(config.modules_to_save, str):
+        config.modules_to_save = [config.modules_to_save]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from peftkit.config import PeftConfig
+from peftkit.config import PeftConfig, normalise_target_fields
 
 __all__ = ["LayerwiseConfig"]
 
@@ -73,14 +73,7 @@ class LayerwiseConfig(PeftConfig):
                 "LayerwiseConfig trains nothing: set top_layers (the last k blocks), layers (block indices) "
                 "or target_modules (modules trained in full)"
             )
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
-            elif value is not None and not isinstance(value, (str, list)):
-                raise TypeError(f"{name} must be a list of names or a regex string, got {type(value).__name__}")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
+        normalise_target_fields(self)
         if self.layers_pattern is not None and (not isinstance(self.layers_pattern, str) or not self.layers_pattern):
             raise ValueError(f"layers_pattern must name the block list, e.g. 'layers' or 'encoder.layer'; got {self.layers_pattern!r}")
         if not isinstance(self.keep_original, bool):
