@@ -418,11 +418,20 @@ def test_peft_reads_ours_and_we_read_peft(kind, method, tmp_path):
     perturb(ours)
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(lively(kind), tmp_path / "ours").eval()
-    assert torch.equal(logits(theirs, inputs), logits(ours, inputs))
+    try:
+        theirs_logits = logits(theirs, inputs)
+    except ValueError as exc:  # PEFT's own check, on transformers releases that renamed the cache keyword
+        if "does not support past key values" not in str(exc):
+            raise
+        pytest.skip(f"peft {peft.__version__} cannot run prefix tuning on this transformers release: {exc}")
+    assert torch.equal(theirs_logits, logits(ours, inputs))
     if kind != "bert":
         ids = inputs["input_ids"][:1, :5]
         gen = {"input_ids": ids, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
-        assert torch.equal(theirs.generate(**gen), ours.generate(**gen))
+        # Greedy decoding computed from PEFT's forward (no cache): whatever PEFT's own
+        # generate does with the installed transformers, our generate must match the
+        # continuation its reading of our file implies.
+        assert torch.equal(ours.generate(**gen), greedy(theirs, ids, 5, seq2seq=kind == "t5"))
 
     torch.manual_seed(2)
     made = peft.get_peft_model(lively(kind), config_for(method, TASKS[kind], lib=peft)).eval()

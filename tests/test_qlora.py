@@ -109,3 +109,28 @@ def test_clear_errors(monkeypatch):
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         quantize_model(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_merge_after_a_no_grad_evaluation_uses_the_real_weight():
+    # On CPUs with AVX512-BF16, bitsandbytes re-packs a 4-bit weight into a CPU layout on its
+    # first no-grad evaluation; merging must read the weight, not the re-packed bytes.
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    quantize_model(base, bits=4, skip_modules=["2"])
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(5, 128)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    merged = model.merge_and_unload()
+    assert type(merged[0]) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), before, atol=0.05, rtol=0.05)
+
+
+def test_layers_narrower_than_a_block_evaluate_without_grad():
+    model = quantize_model(build("llama"), bits=4)  # hidden 32 < the 64-weight block
+    model.eval()
+    with torch.no_grad():
+        out = output_of(model, inputs_for("llama"))
+    assert torch.isfinite(out).all()

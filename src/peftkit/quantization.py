@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from peftkit.core.targeting import name_matches
-from peftkit.integrations.bitsandbytes import quantize_linear, quantized_bytes, quantized_kind, require_bitsandbytes
+from peftkit.integrations.bitsandbytes import keep_cpu_layout_usable, quantize_linear, quantized_bytes, quantized_kind, require_bitsandbytes
 from peftkit.integrations.transformers import enable_input_require_grads, output_head_names
 
 __all__ = ["memory_report", "prepare_model_for_kbit_training", "quantize_model"]
@@ -77,6 +77,7 @@ def prepare_model_for_kbit_training(model: nn.Module, gradient_checkpointing: bo
     for p in model.parameters():
         p.requires_grad_(False)
     for module in model.modules():
+        keep_cpu_layout_usable(module)
         if "Norm" in type(module).__name__:
             for p in module.parameters(recurse=False):
                 if p.is_floating_point() and p.dtype != torch.float32:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["dequantize", "quantize_linear", "quantized_bytes", "quantized_kind", "require_bitsandbytes", "set_weight", "to_float_linear"]
+__all__ = ["dequantize", "keep_cpu_layout_usable", "standard_layout", "quantize_linear", "quantized_bytes", "quantized_kind", "require_bitsandbytes", "set_weight", "to_float_linear"]
 
 
 def require_bitsandbytes() -> Any:
@@ -33,6 +33,32 @@ def quantized_kind(module: nn.Module) -> str | None:
     return None
 
 
+def keep_cpu_layout_usable(module: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, a 4-bit layer's first no-grad evaluation re-packs its
+    weight into a CPU-specific layout, which fails for layers whose input width is not a
+    multiple of the quantisation block or whose output width is not a multiple of 32.
+    Such layers keep the portable layout (same results, no fast CPU kernel)."""
+    if quantized_kind(module) != "4bit" or not getattr(module, "support_avx512bf16_for_cpu", False):
+        return
+    qs = getattr(module.weight, "quant_state", None)
+    blocksize = getattr(qs, "blocksize", 64) or 64
+    if module.in_features % blocksize or module.out_features % 32:
+        module.support_avx512bf16_for_cpu = False
+
+
+def standard_layout(module: nn.Module) -> None:
+    """Puts a 4-bit weight that bitsandbytes re-packed for its CPU kernel back into the
+    standard layout (as bitsandbytes does before saving), so it can be read and
+    dequantised. The CPU layout keeps the block scales in bfloat16: that rounding stays."""
+    weight = module.weight
+    qs = getattr(weight, "quant_state", None)
+    if qs is None or not getattr(qs, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes import functional
+
+    weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(weight.data, qs)
+
+
 def dequantize(module: nn.Module) -> torch.Tensor:
     """The layer's weight as a float32 (out × in) tensor (a new tensor)."""
     kind = quantized_kind(module)
@@ -40,6 +66,8 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     if kind == "4bit":
         from bitsandbytes.functional import dequantize_4bit
 
+        standard_layout(module)
+        weight = module.weight
         return dequantize_4bit(weight.data, weight.quant_state).float()
     if kind == "8bit":
         scb = getattr(weight, "SCB", None)
@@ -96,6 +124,7 @@ def quantize_linear(linear: nn.Linear, bits: int, quant_type: str = "nf4", doubl
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type, device="meta")
         q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant)
+        keep_cpu_layout_usable(q)
     else:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                 has_fp16_weights=False, threshold=0.0, device="meta")

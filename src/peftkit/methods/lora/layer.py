@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
-from peftkit.integrations.bitsandbytes import dequantize, quantized_kind, set_weight, to_float_linear
+from peftkit.integrations.bitsandbytes import dequantize, keep_cpu_layout_usable, quantized_kind, set_weight, to_float_linear
 from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.lora import functional as LF
 from peftkit.methods.lora.config import LoraConfig
@@ -218,6 +218,7 @@ class LoraLinear(LoraLayer):
         # 4-/8-bit bases (bitsandbytes) store packed weights: their float weight is dequantised
         # on demand and merged weights are quantised again.
         self.quantized = quantized_kind(base_layer)
+        keep_cpu_layout_usable(base_layer)
         if self.quantized or isinstance(base_layer, nn.Linear):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         else:

@@ -20,6 +20,7 @@ cache.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -150,7 +151,7 @@ class PromptAdapter(ModelAdapter):
         """Input vectors. A causal LM continuing from a cache (that already holds the
         prompt) only gets its mask and positions extended."""
         n, task = self.n, self.config.task_type
-        if task != _SEQ2SEQ and cache_length(kw.get("past_key_values")) > 0:
+        if task != _SEQ2SEQ and cache_length(_given_cache(kw)) > 0:
             _update(kw, "attention_mask", prepend_ones, n)
             _update(kw, "position_ids", shift_positions, n)
             return kw
@@ -179,14 +180,14 @@ class PromptAdapter(ModelAdapter):
         then holds the prefix already); masks and positions cover the prefix."""
         n = self.n
         if self.config.task_type == _SEQ2SEQ:
-            if cache_length(kw.get("past_key_values")) == 0:
+            if cache_length(_given_cache(kw)) == 0:
                 names = ("decoder_input_ids", "decoder_inputs_embeds", "labels", "input_ids", "inputs_embeds",
                          "encoder_outputs")
-                kw["past_key_values"] = self._cache(model, _batch_size(kw, names))
+                _set_cache(model, kw, self._cache(model, _batch_size(kw, names)))
             _update(kw, "decoder_attention_mask", prepend_ones, n)
             return kw
-        if cache_length(kw.get("past_key_values")) == 0:
-            kw["past_key_values"] = self._cache(model, _batch_size(kw, ("input_ids", "inputs_embeds")))
+        if cache_length(_given_cache(kw)) == 0:
+            _set_cache(model, kw, self._cache(model, _batch_size(kw, ("input_ids", "inputs_embeds"))))
         _update(kw, "attention_mask", prepend_ones, n)
         _update(kw, "position_ids", shift_positions, n)
         return kw
@@ -197,8 +198,8 @@ class PromptAdapter(ModelAdapter):
         task = self.config.task_type
         if task not in (_CAUSAL, _SEQ2SEQ):
             raise ValueError(f"generate() needs task_type 'CAUSAL_LM' or 'SEQ_2_SEQ_LM'; this adapter is for {task!r}")
-        if cache_length(kw.get("past_key_values")) > 0:
-            raise ValueError("generate() with a soft-prompt adapter starts from the inputs: pass no past_key_values")
+        if cache_length(_given_cache(kw)) > 0:
+            raise ValueError("generate() with a soft-prompt adapter starts from the inputs: pass no cache (past_key_values)")
         if self.uses_cache and kw.get("use_cache") is False:
             raise ValueError("prefix tuning lives in the attention cache: generate() needs use_cache=True")
         settings = _GenerationSettings(model, kw)
@@ -213,7 +214,7 @@ class PromptAdapter(ModelAdapter):
         positions count from ``n``, as in ``forward``)."""
         batch = _batch_size(kw, ("input_ids", "inputs_embeds", "encoder_outputs"))
         _update(kw, "decoder_attention_mask", prepend_ones, self.n)
-        kw["past_key_values"] = self._cache(model, batch * s.expand)
+        _set_cache(model, kw, self._cache(model, batch * s.expand))
         return model.generate(**kw)
 
     def _generate_encoder_prompt(self, model: nn.Module, kw: dict[str, Any], s: _GenerationSettings) -> Any:
@@ -245,7 +246,7 @@ class PromptAdapter(ModelAdapter):
         kw["attention_mask"] = prepend_ones(mask, n)
         _update(kw, "position_ids", prepend_positions, n)
         if self.uses_cache:
-            kw["past_key_values"] = self._cache(model, batch * s.expand)
+            _set_cache(model, kw, self._cache(model, batch * s.expand))
         else:
             embeds = kw.pop("inputs_embeds", None)
             if embeds is None:
@@ -253,6 +254,27 @@ class PromptAdapter(ModelAdapter):
             kw["inputs_embeds"] = torch.cat([self._prompts(embeds), embeds], dim=1)
         s.lengthen(kw, n)
         return _drop_leading(model.generate(**kw), n)
+
+
+def _cache_name(model: nn.Module) -> str:
+    """The keyword that carries the attention cache: ``cache`` in newer transformers
+    releases, ``past_key_values`` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _given_cache(kw: dict[str, Any]) -> Any:
+    cache = kw.get("cache")
+    return cache if cache is not None else kw.get("past_key_values")
+
+
+def _set_cache(model: nn.Module, kw: dict[str, Any], cache: Any) -> None:
+    kw.pop("past_key_values", None)
+    kw.pop("cache", None)
+    kw[_cache_name(model)] = cache
 
 
 def _drop_leading(out: Any, n: int) -> Any:
