@@ -171,7 +171,7 @@ def test_causal_lm_prompt_response_loss_covers_response_only(tmp_path):
     from transformers import AutoTokenizer
 
     from peftkit.train.config import DataSection
-    from peftkit.train.data import Encoder
+    from peftkit.train.tasks.text import Encoder
 
     tok = AutoTokenizer.from_pretrained(minilm.get_model_path())
     enc = Encoder("causal_lm", tok, DataSection(train="x"), 64, None)

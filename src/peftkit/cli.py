@@ -11,13 +11,14 @@ from typing import Any
 __all__ = ["main"]
 
 
-def _load_run(run_dir: str) -> tuple[Any, Any, Any, list[Any] | None]:
-    """The run's config, the base model with its trained adapter, tokenizer and labels."""
+def _load_run(run_dir: str) -> tuple[Any, Any]:
+    """A finished run: its task parts (config, base model, processor, labels) and the base
+    model with the trained adapter."""
     import yaml
 
     from peftkit import PeftModel
     from peftkit.train.config import ConfigError, build_config
-    from peftkit.train.modeling import load_model_and_tokenizer
+    from peftkit.train.tasks import Prepared
 
     config_path = os.path.join(run_dir, "config.yaml")
     adapter_dir = os.path.join(run_dir, "adapter")
@@ -30,9 +31,8 @@ def _load_run(run_dir: str) -> tuple[Any, Any, Any, list[Any] | None]:
     if os.path.isfile(labels_path):
         with open(labels_path, encoding="utf-8") as fh:
             labels = json.load(fh)
-    model, tokenizer = load_model_and_tokenizer(cfg, labels)
-    model = PeftModel.from_pretrained(model, adapter_dir)
-    return cfg, model, tokenizer, labels
+    run = Prepared(cfg, labels)
+    return run, PeftModel.from_pretrained(run.model, adapter_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -44,59 +44,50 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from peftkit.train.data import Collator, Encoder, read_records
-    from peftkit.train.evaluate import evaluate
-
-    cfg, model, tokenizer, labels = _load_run(args.run)
-    records = read_records(args.data)
-    encoder = Encoder(cfg.task, tokenizer, cfg.data, cfg.model.max_length, labels)
-    items = [encoder.encode(r) for r in records]
-    result = evaluate(model, items, Collator(tokenizer.pad_token_id or 0, cfg.task), cfg)
+    run, model = _load_run(args.run)
+    records = run.task.read(args.data, run.cfg.data)
+    run.task.check_records(records, args.data, run.cfg.data)
+    items = run.encode_all(records)
+    result = run.evaluate(model, items)
     print(json.dumps({"examples": len(items), **result}, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-
-    cfg, model, tokenizer, labels = _load_run(args.run)
+    run, model = _load_run(args.run)
     if args.input:
-        from peftkit.train.data import read_records
-
-        texts = [str(r.get(cfg.data.text_column, r.get(cfg.data.prompt_column, ""))) for r in read_records(args.input)]
+        records = run.task.read(args.input, run.cfg.data)
     else:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        records = run.task.read_inputs([line.rstrip("\n") for line in sys.stdin if line.strip()], run.cfg)
     model.eval()
-    for start in range(0, len(texts), 32):
-        chunk = texts[start : start + 32]
-        enc = tokenizer(chunk, padding=True, truncation=True, max_length=cfg.model.max_length, return_tensors="pt")
-        with torch.no_grad():
-            if cfg.task == "classification":
-                pred = model(**enc).logits.argmax(-1).tolist()
-                for text, p in zip(chunk, pred, strict=True):
-                    print(f"{labels[p] if labels else p}\t{text}")
-            else:
-                tokenizer.padding_side = "left"
-                enc = tokenizer(chunk, padding=True, return_tensors="pt")
-                out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
-                if cfg.task == "causal_lm":
-                    out = out[:, enc["input_ids"].shape[1] :]
-                for text, ids in zip(chunk, out, strict=True):
-                    print(f"{text}\t{tokenizer.decode(ids, skip_special_tokens=True)}")
+    for line in run.task.predict(model, run.processor, records, run.cfg, run.labels, {"max_new_tokens": args.max_new_tokens}):
+        print(line)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    _, model, tokenizer, _ = _load_run(args.run)
+    run, model = _load_run(args.run)
     merged = model.merge_and_unload()
     tmp = args.out.rstrip("/") + ".tmp"
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    _save_model(merged, tmp)
+    if hasattr(run.processor, "save_pretrained"):
+        run.processor.save_pretrained(tmp)
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out} exists; choose a new folder")
     os.replace(tmp, args.out)
     print(f"merged model written to {args.out} (load it with transformers' from_pretrained)")
     return 0
+
+
+def _save_model(model: Any, path: str) -> None:
+    """A merged model: ``save_pretrained`` for transformers models, else a safetensors state dict."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(path)
+        return
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -152,16 +143,15 @@ def cmd_relevance(args: argparse.Namespace) -> int:
 
     from peftkit.analysis import relevance_scores
     from peftkit.train import load_config
-    from peftkit.train.data import Collator, Encoder, prepare_task_data
-    from peftkit.train.modeling import load_model_and_tokenizer
+    from peftkit.train.data import prepare_task_data
+    from peftkit.train.tasks import Prepared
 
     cfg = load_config(args.config, args.overrides)
     data = prepare_task_data(cfg.task, cfg.data, cfg.train.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg, data.labels)
-    encoder = Encoder(cfg.task, tokenizer, cfg.data, cfg.model.max_length, data.labels)
-    items = [encoder.encode(r) for r in data.train[: args.examples]]
-    collate = Collator(tokenizer.pad_token_id or 0, cfg.task)
-    batches = [collate(items[i : i + cfg.train.batch_size]) for i in range(0, len(items), cfg.train.batch_size)]
+    run = Prepared(cfg, data.labels)
+    model = run.model
+    items = run.encode_all(data.train[: args.examples])
+    batches = [run.collate(items[i : i + cfg.train.batch_size]) for i in range(0, len(items), cfg.train.batch_size)]
     torch.manual_seed(cfg.train.seed)
     report = relevance_scores(model, batches)
     print(report.table(args.score, limit=args.top))
@@ -186,19 +176,15 @@ def cmd_relevance(args: argparse.Namespace) -> int:
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from peftkit.analysis import interpolate
-    from peftkit.train.data import Collator, Encoder, read_records
-    from peftkit.train.evaluate import evaluate
-    from peftkit.train.modeling import load_model_and_tokenizer
+    from peftkit.train.tasks import Prepared
 
-    cfg, model, tokenizer, labels = _load_run(args.run)
-    pretrained, _ = load_model_and_tokenizer(cfg, labels)  # for weights the method trained in place
-    encoder = Encoder(cfg.task, tokenizer, cfg.data, cfg.model.max_length, labels)
-    collate = Collator(tokenizer.pad_token_id or 0, cfg.task)
+    run, model = _load_run(args.run)
+    pretrained = Prepared(run.cfg, run.labels).model  # for weights the method trained in place
     sets = {"in": args.eval}
     if args.eval_ood:
         sets["ood"] = args.eval_ood
-    items = {k: [encoder.encode(r) for r in read_records(v)] for k, v in sets.items()}
-    metric = cfg.train.metric or ("accuracy" if cfg.task == "classification" else "eval_loss")
+    items = {k: run.encode_all(run.task.read(v, run.cfg.data)) for k, v in sets.items()}
+    metric = run.metric
     alphas = [float(a) for a in args.alphas.split(",")]
     curves: dict[str, list[float]] = {k: [] for k in items}
     print("alpha  " + "  ".join(f"{k:>8}" for k in items))
@@ -206,7 +192,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
         interpolate(model, alpha, pretrained=pretrained)
         row = []
         for key, its in items.items():
-            value = evaluate(model, its, collate, cfg)[metric]
+            value = run.evaluate(model, its)[metric]
             curves[key].append(value)
             row.append(f"{value:8.4f}")
         print(f"{alpha:5.2f}  " + "  ".join(row))

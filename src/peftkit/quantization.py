@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from peftkit.core.targeting import name_matches
-from peftkit.integrations.bitsandbytes import keep_cpu_layout_usable, quantize_linear, quantized_bytes, quantized_kind, require_bitsandbytes
+from peftkit.integrations.bitsandbytes import (
+    keep_cpu_layout_usable,
+    quantize_linear,
+    quantized_bytes,
+    quantized_kind,
+    require_bitsandbytes,
+)
 from peftkit.integrations.transformers import enable_input_require_grads, output_head_names
 
 __all__ = ["memory_report", "prepare_model_for_kbit_training", "quantize_model"]

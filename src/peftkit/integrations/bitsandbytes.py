@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["dequantize", "keep_cpu_layout_usable", "standard_layout", "quantize_linear", "quantized_bytes", "quantized_kind", "require_bitsandbytes", "set_weight", "to_float_linear"]
+__all__ = ["dequantize", "keep_cpu_layout_usable", "quantize_linear", "quantized_bytes", "quantized_kind", "require_bitsandbytes", "set_weight", "standard_layout", "to_float_linear"]
 
 
 def require_bitsandbytes() -> Any:

@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 for _k in (1, 2, 3, 4):
     PRESETS[f"top{_k}"] = {"method": {"name": "layerwise", "top_layers": _k}, "train": {"lr": 1e-4}}
 
-COLUMNS = ["method", "status", "metric", "trainable", "share", "peak_memory_mib", "train_seconds", "tokens_per_second", "adapter_bytes", "latency_ms", "note"]
+COLUMNS = ["method", "status", "metric", "trainable", "share", "peak_memory_mib", "train_seconds", "throughput", "adapter_bytes", "latency_ms", "note"]
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Row:
     share: float | None = None
     peak_memory_mib: float | None = None
     train_seconds: float | None = None
-    tokens_per_second: float | None = None
+    throughput: float | None = None
     adapter_bytes: int | None = None
     latency_ms: float | None = None
     note: str = ""
@@ -85,26 +85,26 @@ def _run_config(raw: dict[str, Any], name: str, out_dir: str) -> dict[str, Any]:
 
 
 def _latency_ms(run_dir: str) -> tuple[float | None, str]:
-    """Forward latency on a validation-sized batch after merging (unmerged if not mergeable)."""
+    """Forward latency on a batch of 8 of the run's own examples after merging (unmerged if
+    the method cannot merge)."""
     import torch
 
     from peftkit.cli import _load_run
 
-    cfg, model, tokenizer, _ = _load_run(run_dir)
+    run, model = _load_run(run_dir)
     note = ""
     try:
         model = model.merge_and_unload()
     except (NotImplementedError, RuntimeError, ValueError) as exc:
         note = f"not mergeable ({exc.__class__.__name__}); latency unmerged"
     model.eval()
-    batch = tokenizer(["a short example sentence for timing"] * 8, return_tensors="pt", padding=True)
-    if cfg.task == "seq2seq":
-        batch["decoder_input_ids"] = batch["input_ids"][:, :4]
+    records = run.task.read(run.cfg.data.validation or run.cfg.data.train, run.cfg.data)[:8]
+    batch = run.collate(run.encode_all(records))
     times = []
     with torch.no_grad():
         for _ in range(7):
             start = time.perf_counter()
-            model(**batch)
+            run.task.loss(model, batch)
             times.append(time.perf_counter() - start)
     return 1000 * sorted(times[2:])[len(times[2:]) // 2], note
 
@@ -132,7 +132,9 @@ def _run_one(raw: dict[str, Any], name: str, out_dir: str, log: Any) -> Row:
             return Row(name, "failed", note=reason[:300])
     with open(summary_path, encoding="utf-8") as fh:
         summary = json.load(fh)
-    metric_name = (raw.get("train") or {}).get("metric") or ("accuracy" if raw.get("task", "classification") == "classification" else "eval_loss")
+    from peftkit.train.tasks import get_task
+
+    metric_name = (raw.get("train") or {}).get("metric") or get_task(raw.get("task", "classification")).default_metric
     after = summary.get("metric_after") or {}
     try:
         latency, note = _latency_ms(run_dir)
@@ -140,7 +142,7 @@ def _run_one(raw: dict[str, Any], name: str, out_dir: str, log: Any) -> Row:
         latency, note = None, f"latency not measured: {exc}"
     return Row(
         name, "ok", after.get(metric_name), summary["trainable_parameters"], summary["trainable_share"],
-        summary["peak_memory_bytes"] / 2**20, summary["train_seconds"], summary["tokens_per_second"],
+        summary["peak_memory_bytes"] / 2**20, summary["train_seconds"], summary["throughput"],
         summary["adapter_bytes"], latency, note,
     )
 
@@ -182,11 +184,11 @@ def _fmt(value: Any, kind: str = "") -> str:
 
 
 def _markdown(rows: list[Row], metric: str) -> str:
-    head = ["method", metric, "trainable", "share", "peak MiB", "train s", "tokens/s", "adapter bytes", "latency ms", "note"]
+    head = ["method", metric, "trainable", "share", "peak MiB", "train s", "throughput", "adapter bytes", "latency ms", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.method, _fmt(r.metric), _fmt(r.trainable), _fmt(r.share, "share"), _fmt(r.peak_memory_mib), _fmt(r.train_seconds),
-                 _fmt(r.tokens_per_second), _fmt(r.adapter_bytes), _fmt(r.latency_ms), (r.note if r.status == "ok" else f"failed: {r.note}").replace("|", "/")]
+                 _fmt(r.throughput), _fmt(r.adapter_bytes), _fmt(r.latency_ms), (r.note if r.status == "ok" else f"failed: {r.note}").replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -245,7 +247,9 @@ def compare(config_path: str, methods: list[str], out_dir: str | None = None, to
     raw["data"] = {**raw.get("data", {}), "train": checked.data.train, "validation": checked.data.validation}
     out_dir = out_dir or os.path.join(checked.output_dir, "compare")
     os.makedirs(out_dir, exist_ok=True)
-    metric = checked.train.metric or ("accuracy" if checked.task == "classification" else "eval_loss")
+    from peftkit.train.tasks import get_task
+
+    metric = checked.train.metric or get_task(checked.task).default_metric
     higher = metric_direction(metric)
     rows = [_run_one(raw, name, out_dir, log) for name in methods]
     best = recommend(rows, tolerance, higher)

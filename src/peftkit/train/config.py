@@ -15,10 +15,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["TASKS", "ConfigError", "DataSection", "ModelSection", "RunConfig", "TrainSection", "load_config"]
-
-TASKS = ("classification", "causal_lm", "seq2seq")
-TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+__all__ = ["ConfigError", "DataSection", "ModelSection", "RunConfig", "TrainSection", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -32,6 +29,15 @@ class ModelSection:
     name: str = "minilm"
     max_length: int = 128
     dtype: str = "float32"
+    # Weights to load into the model after it is built (safetensors or a torch state dict);
+    # tensors whose shape differs (a new classification head) keep their fresh values.
+    checkpoint: str | None = None
+    # Image preprocessing for models without a transformers image processor (plain PyTorch,
+    # torchvision; timm models bring their own): square size, per-channel mean and std.
+    image_size: int | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    image_channels: int = 3
 
 
 @dataclass
@@ -46,6 +52,9 @@ class DataSection:
     response_column: str = "response"
     messages_column: str = "messages"
     target_column: str = "target"
+    image_column: str = "image"
+    audio_column: str = "audio"
+    caption_column: str = "caption"
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
 
@@ -102,8 +111,10 @@ class RunConfig:
     output_dir: str = "runs/peftkit"
     compare: dict[str, Any] = field(default_factory=dict)  # per-method settings for `peftkit compare`
 
-    def task_type(self) -> str:
-        return TASK_TYPES[self.task]
+    def task_type(self) -> str | None:
+        from peftkit.train.tasks import get_task
+
+        return get_task(self.task).task_type
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,6 +161,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                     return float(value)
                 except ValueError:
                     pass
+        elif get_origin(option) is list:
+            if isinstance(value, (list, tuple)):
+                (inner,) = get_args(option)
+                return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         elif option is str:
             if isinstance(value, str):
                 return value
@@ -203,9 +218,10 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
     for key in raw:
         if key not in valid:
             raise ConfigError(f"unknown key {key!r}{_closest(key, valid)}")
+    from peftkit.train.tasks import get_task
+
     task = raw.get("task", "classification")
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+    get_task(task)  # a clear error for an unknown task
     method = raw.get("method") or {"name": "lora"}
     if isinstance(method, str):
         method = {"name": method}
@@ -220,10 +236,19 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
         output_dir=str(raw.get("output_dir", "runs/peftkit")),
         compare=dict(raw.get("compare") or {}),
     )
-    for attr in ("train", "validation"):
-        path = getattr(config.data, attr)
+    def near_config(path: str) -> str:
+        """A relative path that exists next to the config file, made absolute."""
         if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(base_dir, path)):
-            setattr(config.data, attr, os.path.join(base_dir, path))
+            return os.path.join(base_dir, path)
+        return path
+
+    for attr in ("train", "validation"):
+        setattr(config.data, attr, near_config(getattr(config.data, attr)))
+    if config.model.checkpoint:
+        config.model.checkpoint = near_config(config.model.checkpoint)
+    file, sep, function = config.model.name.rpartition(":")
+    if sep and file.endswith(".py"):
+        config.model.name = f"{near_config(file)}:{function}"
     if not config.data.train:
         raise ConfigError("data.train is required: a JSONL, CSV or Parquet file, or a saved datasets folder")
     for attr in ("train", "validation"):
@@ -279,7 +304,7 @@ def method_config(config: RunConfig) -> Any:
         if hint in (int, float, bool, str) or (get_origin(hint) in (Union, types.UnionType) and all(a in (int, float, bool, str, type(None)) for a in get_args(hint))):
             value = _coerce(value, hint, f"method.{key}")
         kwargs[key] = value
-    if "task_type" in fields and "task_type" not in kwargs:
+    if "task_type" in fields and "task_type" not in kwargs and config.task_type() is not None:
         kwargs["task_type"] = config.task_type()
     try:
         return cls(**kwargs)

@@ -22,9 +22,9 @@ from torch import nn
 
 from peftkit.core.io import atomic_write_text, save_tensors
 from peftkit.train.config import RunConfig, method_config
-from peftkit.train.data import Collator, Encoder, batch_order, prepare_task_data
-from peftkit.train.evaluate import evaluate, metric_direction
-from peftkit.train.modeling import load_model_and_tokenizer
+from peftkit.train.data import batch_order, prepare_task_data
+from peftkit.train.evaluate import metric_direction
+from peftkit.train.tasks import Prepared
 
 __all__ = ["run_training"]
 
@@ -87,15 +87,15 @@ def _save_checkpoint(path: str, trainable: dict[str, torch.Tensor], state: dict[
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.tty = total, enabled, sys.stdout.isatty()
+    def __init__(self, total: int, enabled: bool, unit: str) -> None:
+        self.total, self.enabled, self.tty, self.unit = total, enabled, sys.stdout.isatty(), unit
 
-    def show(self, step: int, loss: float, lr: float, tok_s: float) -> None:
+    def show(self, step: int, loss: float, lr: float, rate: float) -> None:
         if not self.enabled:
             return
         width = 24
         done = int(width * step / max(1, self.total))
-        line = f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s"
+        line = f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} {self.unit}/s"
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
 
     def close(self) -> None:
@@ -126,17 +126,16 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
 
     data = prepare_task_data(cfg.task, cfg.data, t.seed)
     peft_config = method_config(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg, data.labels)
+    run = Prepared(cfg, data.labels)
+    task, model, collate = run.task, run.model, run.collate
     if t.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     from peftkit import get_peft_model
 
     model = get_peft_model(model, peft_config)
-    encoder = Encoder(cfg.task, tokenizer, cfg.data, cfg.model.max_length, data.labels)
-    train_items = [encoder.encode(r) for r in data.train]
-    val_items = [encoder.encode(r) for r in data.validation]
-    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, cfg.task)
-    lengths = [len(i["input_ids"]) for i in train_items]
+    train_items = run.encode_all(data.train)
+    val_items = run.encode_all(data.validation)
+    lengths = [task.length(i) for i in train_items]
 
     world, rank = accelerator.num_processes, accelerator.process_index
     if t.batch_size % world:
@@ -145,7 +144,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
     steps_per_epoch = max(1, batches_per_epoch // t.grad_accum)
     total_steps = t.max_steps or max(1, int(round(steps_per_epoch * t.epochs)))
     eval_every = t.eval_every or steps_per_epoch
-    metric_name = t.metric or ("accuracy" if cfg.task == "classification" else "eval_loss")
+    metric_name = run.metric
     higher_better = metric_direction(metric_name)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -165,7 +164,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
         atomic_write_text(os.path.join(cfg.output_dir, "labels.json"), json.dumps(data.labels) + "\n")
     ckpt_dir = os.path.join(cfg.output_dir, CHECKPOINT)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
-                             "history": [], "tokens": 0, "train_seconds": 0.0, "metric_before": None}
+                             "history": [], "units": 0, "train_seconds": 0.0, "metric_before": None}
     if resume and os.path.isdir(ckpt_dir):
         saved = load_tensors_file(os.path.join(ckpt_dir, "trainable.safetensors"))
         params = dict(inner.named_parameters())
@@ -182,7 +181,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
         log("no checkpoint found; starting from the beginning")
 
     if state["metric_before"] is None and val_items:
-        state["metric_before"] = evaluate(inner, val_items, collate, cfg, accelerator)
+        state["metric_before"] = run.evaluate(inner, val_items, accelerator)
         log(f"before training: {_fmt(state['metric_before'])}")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if main and not resume and os.path.exists(metrics_path):
@@ -201,7 +200,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
         accelerator.wait_for_everyone()
 
     best_dir = os.path.join(cfg.output_dir, "adapter")
-    progress = _Progress(total_steps, main and not quiet)
+    progress = _Progress(total_steps, main and not quiet, task.unit)
     model.train()
     window_loss, window_n = 0.0, 0
     interrupted = False
@@ -213,16 +212,17 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
             for batch_ids in order[micro:usable]:
                 tick = time.perf_counter()
                 shard = batch_ids[rank * len(batch_ids) // world:(rank + 1) * len(batch_ids) // world]
-                batch = {k: v.to(accelerator.device) for k, v in collate([train_items[i] for i in shard]).items()}
+                batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
+                         for k, v in collate([train_items[i] for i in shard]).items()}
                 boundary = (micro + 1) % t.grad_accum == 0
                 ctx = accelerator.no_sync(model) if not boundary else _null()
                 with ctx, accelerator.autocast():
-                    loss = model(**batch).loss
+                    loss = task.loss(model, batch)
                     reg = _regulariser(named, reference, cfg)
                     total = loss + reg if reg is not None else loss
                     accelerator.backward(total / t.grad_accum)
                 micro += 1
-                state["tokens"] += int(batch["attention_mask"].sum()) * world
+                state["units"] += task.units(batch) * world
                 window_loss += float(loss.detach())
                 window_n += 1
                 if boundary:
@@ -240,14 +240,14 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
                     step = state["step"]
                     if step % t.log_every == 0 or step == total_steps:
                         lr = scheduler.get_last_lr()[0]
-                        tok_s = state["tokens"] / max(state["train_seconds"], 1e-9)
-                        row = {"step": step, "loss": window_loss / window_n, "lr": lr, "tokens_per_second": tok_s}
+                        tok_s = state["units"] / max(state["train_seconds"], 1e-9)
+                        row = {"step": step, "loss": window_loss / window_n, "lr": lr, f"{task.unit}_per_second": tok_s}
                         state["history"].append(row)
                         write_metrics(row)
                         progress.show(step, row["loss"], lr, tok_s)
                         window_loss, window_n = 0.0, 0
                     if val_items and (step % eval_every == 0 or step == total_steps):
-                        result = evaluate(inner, val_items, collate, cfg, accelerator)
+                        result = run.evaluate(inner, val_items, accelerator)
                         model.train()
                         write_metrics({"step": step, **result})
                         state["history"].append({"step": step, **result})
@@ -291,7 +291,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
         log(f"adaptive LoRA: {sum(ranks.values())} rank components over {len(ranks)} modules")
         state["best_step"] = state["step"]
         if val_items:
-            result = evaluate(inner, val_items, collate, cfg, accelerator)
+            result = run.evaluate(inner, val_items, accelerator)
             state["history"].append({"step": state["step"], **result})
             write_metrics({"step": state["step"], **result})
         if main:
@@ -300,7 +300,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
         if main:
             inner.save_pretrained(best_dir)
     checkpoint()
-    summary = _summary(cfg, inner, state, best_dir, started, accelerator)
+    summary = _summary(cfg, inner, state, best_dir, started, accelerator, task.unit)
     if main:
         atomic_write_text(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
         import yaml
@@ -329,7 +329,8 @@ def _fmt(result: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in result.items())
 
 
-def _summary(cfg: RunConfig, model: Any, state: dict[str, Any], adapter_dir: str, started: float, accelerator: Any) -> dict[str, Any]:
+def _summary(cfg: RunConfig, model: Any, state: dict[str, Any], adapter_dir: str, started: float, accelerator: Any,
+             unit: str) -> dict[str, Any]:
     trainable, total = model.get_nb_trainable_parameters()
     adapter_bytes = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir) if f.endswith(".safetensors")) if os.path.isdir(adapter_dir) else 0
     after = next((h for h in reversed(state["history"]) if h.get("step") == state["best_step"] and "loss" not in h), None)
@@ -351,7 +352,8 @@ def _summary(cfg: RunConfig, model: Any, state: dict[str, Any], adapter_dir: str
         "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "process_rss",
         "wall_seconds": time.perf_counter() - started,
         "train_seconds": state["train_seconds"],
-        "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "throughput": state["units"] / max(state["train_seconds"], 1e-9),
+        "throughput_unit": f"{unit}/s",
         "adapter_bytes": adapter_bytes,
         "processes": accelerator.num_processes,
     }
@@ -366,7 +368,7 @@ def _table(s: dict[str, Any]) -> str:
         ("trainable", f"{s['trainable_parameters']:,} / {s['total_parameters']:,} ({100 * s['trainable_share']:.3f}%)"),
         ("adapter size", f"{s['adapter_bytes'] / 1024:.1f} KiB"),
         ("wall time", f"{s['wall_seconds']:.1f} s"),
-        ("throughput", f"{s['tokens_per_second']:,.0f} tokens/s"),
+        ("throughput", f"{s['throughput']:,.1f} {s['throughput_unit']}"),
         ("peak memory", f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB ({s['peak_memory_kind']})"),
     ]
     width = max(len(k) for k, _ in rows)

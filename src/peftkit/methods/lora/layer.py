@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
-from peftkit.integrations.bitsandbytes import dequantize, keep_cpu_layout_usable, quantized_kind, set_weight, to_float_linear
+from peftkit.integrations.bitsandbytes import (
+    dequantize,
+    keep_cpu_layout_usable,
+    quantized_kind,
+    set_weight,
+    to_float_linear,
+)
 from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.lora import functional as LF
 from peftkit.methods.lora.config import LoraConfig

@@ -1,0 +1,195 @@
+"""What a ``peftkit train`` task is: how its records are checked and encoded, how its model
+is loaded, how a batch is made, what the loss is, and how it is evaluated.
+
+The training loop, ``peftkit eval``/``predict`` and ``peftkit compare`` only talk to this
+interface; each task (text, images, audio, ...) lives in its own module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from peftkit.train.config import ConfigError, DataSection, RunConfig
+
+__all__ = ["Task", "classification_metrics", "infer_labels", "logits_of", "require_column"]
+
+Item = dict[str, Any]
+Batch = dict[str, torch.Tensor]
+
+
+def require_column(records: list[dict[str, Any]], column: str, path: str, setting: str) -> None:
+    if records and column not in records[0]:
+        raise ConfigError(f"{path} has no column {column!r} ({setting}); its columns are {sorted(records[0])}")
+
+
+def infer_labels(values: set[Any]) -> list[Any]:
+    """Label values in id order: integers 0..max when all are non-negative integers, else
+    the sorted values as strings."""
+    ints = all(isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in values)
+    if ints:
+        labels = sorted({int(v) for v in values})
+        return list(range(max(labels) + 1)) if labels and min(labels) >= 0 else labels
+    return sorted(str(v) for v in values)
+
+
+class LabelIds:
+    """Record label value -> class id, with a clear error for an unseen value."""
+
+    def __init__(self, labels: list[Any] | None) -> None:
+        self.ids = {(str(v) if not isinstance(v, int) else v): i for i, v in enumerate(labels or [])}
+        self.ints = bool(self.ids) and isinstance(next(iter(self.ids)), int)
+
+    def __call__(self, value: Any) -> int:
+        key: Any = value
+        if not isinstance(value, int):
+            key = int(value) if self.ints and isinstance(value, str) and value.lstrip("-").isdigit() else str(value)
+        if key not in self.ids:
+            raise ConfigError(f"label {value!r} was not seen in the training data; known labels: {list(self.ids)}")
+        return self.ids[key]
+
+
+def classification_metrics(pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 over the classes that occur in ``pred`` or ``gold``."""
+    accuracy = float((pred == gold).float().mean()) if len(gold) else 0.0
+    f1s = []
+    for c in torch.unique(torch.cat([pred, gold])):
+        tp = int(((pred == c) & (gold == c)).sum())
+        fp = int(((pred == c) & (gold != c)).sum())
+        fn = int(((pred != c) & (gold == c)).sum())
+        f1s.append(2 * tp / max(1, 2 * tp + fp + fn))
+    return {"accuracy": accuracy, "f1": sum(f1s) / max(1, len(f1s))}
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Logits from a transformers output object, a tuple, or a plain tensor (a plain PyTorch
+    module's forward)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+class Task:
+    """One kind of training run. Subclasses fill in the data, model and loss parts."""
+
+    name = ""
+    #: the adapter config's ``task_type`` (what Hugging Face PEFT calls it), or None
+    task_type: str | None = None
+    #: the validation metric that picks the best checkpoint unless ``train.metric`` is set
+    default_metric = "eval_loss"
+    #: what the throughput figure counts
+    unit = "examples"
+
+    # -- data ---------------------------------------------------------------------------
+    def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
+        """Raises ConfigError when ``records`` lack what this task reads."""
+
+    def labels(self, train: list[dict[str, Any]], validation: list[dict[str, Any]], data: DataSection) -> list[Any] | None:
+        """Class labels in id order, for tasks that have them."""
+        return None
+
+    def read(self, path: str, data: DataSection) -> list[dict[str, Any]]:
+        """All records of ``path`` (a task may know more layouts, e.g. an image folder)."""
+        from peftkit.train.data import read_records
+
+        return read_records(path)
+
+    # -- model --------------------------------------------------------------------------
+    def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
+        """The base model and its processor (tokenizer, image processor, ...)."""
+        raise NotImplementedError
+
+    def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> Callable[[dict[str, Any]], Item]:
+        """A function from one record to one encoded item."""
+        raise NotImplementedError
+
+    def collator(self, cfg: RunConfig, processor: Any) -> Callable[[Sequence[Item]], Batch]:
+        raise NotImplementedError
+
+    def length(self, item: Item) -> int:
+        """The size used to group similar items into batches (1: no grouping)."""
+        return 1
+
+    def units(self, batch: Batch) -> int:
+        """What the throughput counts in ``batch`` (examples unless a task says otherwise)."""
+        first = next(iter(batch.values()))
+        return int(first.shape[0])
+
+    # -- training and evaluation ----------------------------------------------------------
+    def loss(self, model: Any, batch: Batch) -> torch.Tensor:
+        return model(**batch).loss
+
+    def eval_batch(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+        """``(summed loss, count, predictions, gold)`` of one batch; predictions may be None."""
+        loss = self.loss(model, batch)
+        n = self.units(batch)
+        return loss.detach().double() * n, n, None, None
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, items: list[Item], collate: Callable[[Sequence[Item]], Batch],
+                 batch_size: int, accelerator: Any = None) -> dict[str, float]:
+        """Metrics of ``model`` on encoded ``items`` (each process takes a shard; results gathered)."""
+        was_training = model.training
+        model.eval()
+        world = accelerator.num_processes if accelerator else 1
+        rank = accelerator.process_index if accelerator else 0
+        device = accelerator.device if accelerator else _device_of(model)
+        shard = items[rank::world]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.float64, device=device)
+        preds, golds = [], []
+        for batch in self.batches(shard, collate, batch_size, device):
+            total, n, pred, gold = self.eval_batch(model, batch)
+            loss_sum += total
+            count += n
+            if pred is not None and gold is not None:
+                preds.append(pred)
+                golds.append(gold)
+        if accelerator is not None and world > 1:
+            loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
+        result = {"eval_loss": float(loss_sum / count.clamp(min=1))}
+        if preds or self.default_metric == "accuracy":
+            pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
+            gold = torch.cat(golds) if golds else torch.zeros(0, dtype=torch.long, device=device)
+            if accelerator is not None and world > 1:
+                pred, gold = accelerator.gather_for_metrics(pred), accelerator.gather_for_metrics(gold)
+            result.update(classification_metrics(pred.cpu(), gold.cpu()))
+        result.update(self.extra_metrics(result))
+        model.train(was_training)
+        return result
+
+    def extra_metrics(self, result: dict[str, float]) -> dict[str, float]:
+        """Metrics derived from the evaluation loss (e.g. perplexity)."""
+        return {}
+
+    @staticmethod
+    def batches(items: list[Item], collate: Callable[[Sequence[Item]], Batch], size: int, device: Any) -> Iterator[Batch]:
+        for start in range(0, len(items), size):
+            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(items[start : start + size]).items()}
+
+    # -- prediction -------------------------------------------------------------------------
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
+                labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
+        """One output line per record (``peftkit predict``)."""
+        raise ConfigError(f"peftkit predict does not support task {self.name!r}")
+
+    def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
+        """A short text naming a record in prediction output."""
+        return ""
+
+    def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
+        """Records from lines of standard input (``peftkit predict`` without ``--input``)."""
+        return [{cfg.data.text_column: line, cfg.data.prompt_column: line} for line in lines]
+
+
+def _device_of(model: Any) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,206 @@
+"""Image classification: transformers vision models (ViT, ConvNeXt, ResNet, ...), timm and
+torchvision models, and plain PyTorch modules; data from an image folder (one sub-folder
+per class), a table of image paths and labels (CSV/JSONL/Parquet), or a saved ``datasets``
+dataset with an image column."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from peftkit.train.config import ConfigError, DataSection, RunConfig
+from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, infer_labels, logits_of, require_column
+
+__all__ = ["ImageClassificationTask", "ImagePreprocessor", "read_image_folder"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# ImageNet statistics: the usual normalisation of pretrained vision models
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_image_folder(path: str, image_column: str = "image", label_column: str = "label") -> list[dict[str, Any]] | None:
+    """Records ``{image: file path, label: sub-folder name}`` of a folder with one sub-folder
+    per class; None when ``path`` is not laid out that way."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+        return None
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    records = []
+    for label in classes:
+        folder = os.path.join(path, label)
+        for file in sorted(os.listdir(folder)):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                records.append({image_column: os.path.join(folder, file), label_column: label})
+    return records or None
+
+
+def _pil() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ConfigError("image tasks need Pillow: `pip install pillow`") from exc
+    return Image
+
+
+class ImagePreprocessor:
+    """Image -> ``(channels, size, size)`` float tensor: shorter side resized to
+    ``size / crop_pct``, centre crop, scaled to [0, 1], normalised by ``mean``/``std``
+    (the usual evaluation transform of timm and torchvision models)."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], channels: int = 3, crop_pct: float = 1.0) -> None:
+        if len(mean) != channels or len(std) != channels:
+            raise ConfigError(f"image mean/std need {channels} values (one per channel), got {list(mean)} and {list(std)}")
+        self.size, self.channels, self.crop_pct = size, channels, crop_pct
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        Image = _pil()
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        w, h = image.size
+        scale = (self.size / self.crop_pct) / min(w, h)
+        rw, rh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        image = image.resize((rw, rh), Image.BICUBIC)
+        left, top = (rw - self.size) // 2, (rh - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float().div_(255)
+        pixels = data.view(self.size, self.size, self.channels).permute(2, 0, 1)
+        return (pixels - self.mean) / self.std
+
+
+class _TransformersImageProcessor:
+    """A transformers image processor as a one-image function."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+
+def load_image(value: Any, base_dir: str) -> Any:
+    """A PIL image from a file path (relative to the data file's folder), a PIL image, or a
+    ``datasets`` image dict (``{"bytes": ..., "path": ...}``)."""
+    Image = _pil()
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        if value.get("bytes"):
+            import io
+
+            return Image.open(io.BytesIO(value["bytes"]))
+        value = value["path"]
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) or not base_dir else os.path.join(base_dir, value)
+        if not os.path.isfile(path):
+            raise ConfigError(f"image file {path!r} does not exist")
+        with Image.open(path) as img:
+            img.load()
+            return img
+    raise ConfigError(f"cannot read an image from a value of type {type(value).__name__}; give a file path or an image")
+
+
+def _base_dir(path: str) -> str:
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+class ImageClassificationTask(Task):
+    name = "image_classification"
+    task_type = None  # the adapter's task is not needed by any image-model method
+    default_metric = "accuracy"
+    unit = "images"
+
+    def read(self, path: str, data: DataSection) -> list[dict[str, Any]]:
+        records = read_image_folder(path, data.image_column, data.label_column)
+        if records is not None:
+            return records
+        from peftkit.train.data import read_records
+
+        records = read_records(path)
+        base = _base_dir(path)
+        for r in records:  # relative image paths are relative to the data file
+            value = r.get(data.image_column)
+            if isinstance(value, str) and not os.path.isabs(value):
+                r[data.image_column] = os.path.join(base, value)
+        return records
+
+    def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
+        require_column(records, data.image_column, path, "data.image_column")
+        require_column(records, data.label_column, path, "data.label_column")
+
+    def labels(self, train: list[dict[str, Any]], validation: list[dict[str, Any]], data: DataSection) -> list[Any]:
+        return infer_labels({r[data.label_column] for r in train} | {r[data.label_column] for r in validation})
+
+    def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
+        from peftkit.train.modeling import load_vision_model
+
+        return load_vision_model(cfg, labels)
+
+    def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> Callable[[dict[str, Any]], Item]:
+        label_id = LabelIds(labels)
+        column, label_column = cfg.data.image_column, cfg.data.label_column
+
+        def encode(record: dict[str, Any]) -> Item:
+            item: Item = {"pixel_values": processor(load_image(record[column], ""))}
+            if label_column in record:
+                item["labels"] = label_id(record[label_column])
+            return item
+
+        return encode
+
+    def collator(self, cfg: RunConfig, processor: Any) -> Callable[[Sequence[Item]], Batch]:
+        def collate(items: Sequence[Item]) -> Batch:
+            batch = {"pixel_values": torch.stack([i["pixel_values"] for i in items])}
+            if "labels" in items[0]:
+                batch["labels"] = torch.tensor([i["labels"] for i in items], dtype=torch.long)
+            return batch
+
+        return collate
+
+    def logits(self, model: Any, batch: Batch) -> torch.Tensor:
+        return logits_of(call_with_pixels(model, batch["pixel_values"]))
+
+    def loss(self, model: Any, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.logits(model, batch), batch["labels"])
+
+    def eval_batch(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+        logits = self.logits(model, batch)
+        n = len(batch["labels"])
+        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return loss.double(), n, logits.argmax(-1), batch["labels"]
+
+    def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
+        value = record.get(cfg.data.image_column)
+        return value if isinstance(value, str) else "<image>"
+
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
+                labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
+        for start in range(0, len(records), 32):
+            chunk = records[start : start + 32]
+            pixels = torch.stack([processor(load_image(r[cfg.data.image_column], "")) for r in chunk])
+            with torch.no_grad():
+                pred = logits_of(call_with_pixels(model, pixels)).argmax(-1).tolist()
+            for record, p in zip(chunk, pred, strict=True):
+                yield f"{labels[p] if labels else p}\t{self.describe(record, cfg)}"
+
+    def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
+        """``peftkit predict`` reading image paths from standard input."""
+        return [{cfg.data.image_column: line} for line in lines]
+
+
+def takes_keyword(model: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_with_pixels(model: Any, pixels: torch.Tensor) -> Any:
+    """``model(pixel_values=...)`` for transformers models, ``model(pixels)`` for plain modules."""
+    return model(pixel_values=pixels) if takes_keyword(model, "pixel_values") else model(pixels)

@@ -1,0 +1,210 @@
+"""Text tasks: sequence classification, causal language modelling (plain text,
+prompt/response pairs, chat messages) and sequence-to-sequence, on transformers models."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from peftkit.train.config import ConfigError, DataSection, RunConfig
+from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, infer_labels, logits_of, require_column
+
+__all__ = ["CausalLMTask", "Collator", "Encoder", "Seq2SeqTask", "TextClassificationTask"]
+
+IGNORE_INDEX = -100
+
+
+class Encoder:
+    """Turns records into token ids (and labels) for one text task."""
+
+    def __init__(self, task: str, tokenizer: Any, data: DataSection, max_length: int, labels: list[Any] | None) -> None:
+        self.task, self.tok, self.data, self.max_length = task, tokenizer, data, max_length
+        self.label_id = LabelIds(labels)
+
+    def __call__(self, record: dict[str, Any]) -> Item:
+        return self.encode(record)
+
+    def encode(self, record: dict[str, Any]) -> Item:
+        d = self.data
+        if self.task == "classification":
+            pair = record.get(d.text_pair_column) if d.text_pair_column else None
+            enc = self.tok(str(record[d.text_column]), str(pair) if pair is not None else None, truncation=True, max_length=self.max_length)
+            item = {"input_ids": enc["input_ids"]}
+            if "token_type_ids" in enc:
+                item["token_type_ids"] = enc["token_type_ids"]
+            item["labels"] = self.label_id(record[d.label_column])
+            return item
+        if self.task == "seq2seq":
+            src = self.tok(str(record[d.text_column]), truncation=True, max_length=self.max_length)["input_ids"]
+            tgt = self.tok(text_target=str(record[d.target_column]), truncation=True, max_length=self.max_length)["input_ids"]
+            return {"input_ids": src, "labels": tgt}
+        return self._encode_causal(record)
+
+    def _encode_causal(self, record: dict[str, Any]) -> Item:
+        d = self.data
+        eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        if d.messages_column in record:
+            messages = record[d.messages_column]
+            if not messages or messages[-1].get("role") != "assistant":
+                raise ConfigError("chat records must end with an assistant message (the part the loss covers)")
+            prompt_text, response_text = self._chat_split(messages)
+        elif d.prompt_column in record:
+            prompt_text, response_text = str(record[d.prompt_column]), str(record.get(d.response_column, ""))
+        else:
+            ids = self.tok(str(record[d.text_column]), add_special_tokens=False)["input_ids"] + eos
+            ids = ids[: self.max_length]
+            return {"input_ids": ids, "labels": list(ids)}
+        prompt = self.tok(prompt_text, add_special_tokens=False)["input_ids"]
+        response = self.tok(response_text, add_special_tokens=False)["input_ids"] + eos
+        ids = (prompt + response)[: self.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + response)[: self.max_length]
+        return {"input_ids": ids, "labels": labels}
+
+    def _chat_split(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+        template = getattr(self.tok, "chat_template", None)
+        if template:
+            prompt = self.tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            return prompt, messages[-1]["content"]
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
+        return prompt, messages[-1]["content"]
+
+
+class Collator:
+    """Pads a list of encoded items to the longest one (dynamic padding)."""
+
+    def __init__(self, pad_id: int, task: str) -> None:
+        self.pad_id, self.task = pad_id, task
+
+    def __call__(self, items: Sequence[Item]) -> Batch:
+        longest = max(len(i["input_ids"]) for i in items)
+        batch: Batch = {}
+        ids = torch.full((len(items), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[row, :n] = torch.tensor(item["input_ids"])
+            mask[row, :n] = 1
+        batch["input_ids"], batch["attention_mask"] = ids, mask
+        if "token_type_ids" in items[0]:
+            types = torch.zeros_like(ids)
+            for row, item in enumerate(items):
+                types[row, : len(item["token_type_ids"])] = torch.tensor(item["token_type_ids"])
+            batch["token_type_ids"] = types
+        if "labels" in items[0]:
+            if self.task == "classification":
+                batch["labels"] = torch.tensor([i["labels"] for i in items], dtype=torch.long)
+            else:
+                width = max(len(i["labels"]) for i in items)
+                labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+                for row, item in enumerate(items):
+                    labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
+                batch["labels"] = labels
+        return batch
+
+
+class _TextTask(Task):
+    unit = "tokens"
+
+    def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
+        from peftkit.train.modeling import load_model_and_tokenizer
+
+        return load_model_and_tokenizer(cfg, labels)
+
+    def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> Encoder:
+        return Encoder(self.name, processor, cfg.data, cfg.model.max_length, labels)
+
+    def collator(self, cfg: RunConfig, processor: Any) -> Collator:
+        return Collator(processor.pad_token_id if processor.pad_token_id is not None else 0, self.name)
+
+    def length(self, item: Item) -> int:
+        return len(item["input_ids"])
+
+    def units(self, batch: Batch) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
+        return str(record.get(cfg.data.text_column, record.get(cfg.data.prompt_column, "")))
+
+    def _texts(self, records: list[dict[str, Any]], cfg: RunConfig) -> list[str]:
+        return [self.describe(r, cfg) for r in records]
+
+
+class TextClassificationTask(_TextTask):
+    name = "classification"
+    task_type = "SEQ_CLS"
+    default_metric = "accuracy"
+
+    def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
+        require_column(records, data.text_column, path, "data.text_column")
+        require_column(records, data.label_column, path, "data.label_column")
+        if data.text_pair_column:
+            require_column(records, data.text_pair_column, path, "data.text_pair_column")
+
+    def labels(self, train: list[dict[str, Any]], validation: list[dict[str, Any]], data: DataSection) -> list[Any]:
+        return infer_labels({r[data.label_column] for r in train} | {r[data.label_column] for r in validation})
+
+    def eval_batch(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+        out = model(**batch)
+        n = len(batch["labels"])
+        return out.loss.detach().double() * n, n, logits_of(out).argmax(-1), batch["labels"]
+
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
+                labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
+        texts = self._texts(records, cfg)
+        for start in range(0, len(texts), 32):
+            chunk = texts[start : start + 32]
+            enc = processor(chunk, padding=True, truncation=True, max_length=cfg.model.max_length, return_tensors="pt")
+            with torch.no_grad():
+                pred = logits_of(model(**enc)).argmax(-1).tolist()
+            for text, p in zip(chunk, pred, strict=True):
+                yield f"{labels[p] if labels else p}\t{text}"
+
+
+class _GenerativeTask(_TextTask):
+    def extra_metrics(self, result: dict[str, float]) -> dict[str, float]:
+        return {"perplexity": math.exp(min(result["eval_loss"], 50.0))}
+
+    def eval_batch(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+        out = model(**batch)
+        # the loss is a mean over the predicted tokens: weight each batch by their number
+        shift = len(batch["labels"]) if self.name == "causal_lm" else 0
+        tokens = max(int((batch["labels"] != IGNORE_INDEX).sum()) - shift, 1)
+        return out.loss.detach().double() * tokens, tokens, None, None
+
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
+                labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
+        texts = self._texts(records, cfg)
+        processor.padding_side = "left"
+        for start in range(0, len(texts), 32):
+            chunk = texts[start : start + 32]
+            enc = processor(chunk, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=options.get("max_new_tokens", 32), do_sample=False)
+            if self.name == "causal_lm":
+                out = out[:, enc["input_ids"].shape[1] :]
+            for text, ids in zip(chunk, out, strict=True):
+                yield f"{text}\t{processor.decode(ids, skip_special_tokens=True)}"
+
+
+class CausalLMTask(_GenerativeTask):
+    name = "causal_lm"
+    task_type = "CAUSAL_LM"
+
+    def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
+        if records and not any(c in records[0] for c in (data.text_column, data.prompt_column, data.messages_column)):
+            raise ConfigError(
+                f"{path}: causal_lm needs a {data.text_column!r} column, {data.prompt_column!r}/"
+                f"{data.response_column!r} columns, or a {data.messages_column!r} column; found {sorted(records[0])}"
+            )
+
+
+class Seq2SeqTask(_GenerativeTask):
+    name = "seq2seq"
+    task_type = "SEQ_2_SEQ_LM"
+
+    def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
+        require_column(records, data.text_column, path, "data.text_column")
+        require_column(records, data.target_column, path, "data.target_column")
