@@ -32,6 +32,9 @@ class ModelSection:
     # Weights to load into the model after it is built (safetensors or a torch state dict);
     # tensors whose shape differs (a new classification head) keep their fresh values.
     checkpoint: str | None = None
+    # Modules (names or dotted suffixes) whose checkpoint weights are not loaded: a head
+    # re-initialised for the new task even when its shape matches the old one.
+    checkpoint_exclude: list[str] | None = None
     # Image preprocessing for models without a transformers image processor (plain PyTorch,
     # torchvision; timm models bring their own): square size, per-channel mean and std.
     image_size: int | None = None

@@ -108,9 +108,10 @@ def build_from_factory(spec: str, num_labels: int | None) -> Any:
     return model
 
 
-def load_checkpoint(model: torch.nn.Module, path: str) -> list[str]:
+def load_checkpoint(model: torch.nn.Module, path: str, exclude: list[str] | None = None) -> list[str]:
     """Loads the weights of ``path`` into ``model``; tensors whose shape differs from the
-    model's (a head for other classes) are left as built. Returns their names."""
+    model's (a head for other classes) and those under the ``exclude`` modules are left as
+    built. Returns their names."""
     if not os.path.isfile(path):
         raise ConfigError(f"model.checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
@@ -126,7 +127,13 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> list[str]:
         close = [k for k in own if k.rsplit(".", 1)[-1] == unknown[0].rsplit(".", 1)[-1]][:3]
         raise ConfigError(f"model.checkpoint {path!r} holds {unknown[0]!r}, which the model does not have"
                           f" ({len(unknown)} such keys; the model has e.g. {close or list(own)[:3]})")
-    fresh = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    from peftkit.core.targeting import name_matches
+
+    def excluded(key: str) -> bool:  # the tensor lies under a module ``exclude`` names
+        parts = key.split(".")
+        return any(name_matches(".".join(parts[:i]), e) for e in exclude or [] for i in range(1, len(parts)))
+
+    fresh = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape) or excluded(k)]
     model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
     return fresh
 
@@ -169,7 +176,7 @@ def load_vision_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, An
     else:
         return _transformers_vision(cfg, labels)
     if m.checkpoint:
-        load_checkpoint(model, m.checkpoint)
+        load_checkpoint(model, m.checkpoint, m.checkpoint_exclude)
     if size is None:
         raise ConfigError(f"model.image_size is needed for {name!r}: the input size of the model (e.g. 224)")
     channels = m.image_channels
@@ -211,7 +218,7 @@ def _transformers_vision(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any,
                   "label2id": {str(v): i for i, v in enumerate(labels)}, "ignore_mismatched_sizes": True}
     model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
     if cfg.model.checkpoint:
-        load_checkpoint(model, cfg.model.checkpoint)
+        load_checkpoint(model, cfg.model.checkpoint, cfg.model.checkpoint_exclude)
     try:
         processor = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError) as exc:

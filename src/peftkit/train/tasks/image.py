@@ -29,12 +29,13 @@ def read_image_folder(path: str, image_column: str = "image", label_column: str 
     if not os.path.isdir(path) or os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
         return None
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
-    records = []
-    for label in classes:
-        folder = os.path.join(path, label)
-        for file in sorted(os.listdir(folder)):
-            if file.lower().endswith(IMAGE_EXTENSIONS):
-                records.append({image_column: os.path.join(folder, file), label_column: label})
+    files = {label: [f for f in sorted(os.listdir(os.path.join(path, label))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+             for label in classes}
+    # classes interleaved (first file of each class, then the second, ...), so that the first
+    # n records (data.max_train_examples) hold every class
+    records = [{image_column: os.path.join(path, label, names[i]), label_column: label}
+               for i in range(max((len(v) for v in files.values()), default=0))
+               for label, names in files.items() if i < len(names)]
     return records or None
 
 
@@ -133,7 +134,13 @@ class ImageClassificationTask(Task):
         require_column(records, data.label_column, path, "data.label_column")
 
     def labels(self, train: list[dict[str, Any]], validation: list[dict[str, Any]], data: DataSection) -> list[Any]:
-        return infer_labels({r[data.label_column] for r in train} | {r[data.label_column] for r in validation})
+        """The classes present, sorted (as integers when all are; sub-folders "5".."9" give
+        a 5-way head, not a 10-way one)."""
+        values = {r[data.label_column] for r in train} | {r[data.label_column] for r in validation}
+        labels = infer_labels(values)
+        if labels and isinstance(labels[0], int):
+            return sorted({int(v) for v in values})
+        return labels
 
     def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
         from peftkit.train.modeling import load_vision_model
