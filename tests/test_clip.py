@@ -218,7 +218,10 @@ def test_pairs_without_labels_select_by_loss(ws, tmp_path):
     table.write_text("".join(json.dumps({"picture": str(root / r[0]), "text": r[1]}) + "\n" for r in rows))
     raw = _raw(ws, tmp_path / "run", data={"train": str(table), "validation": str(table), "image_column": "picture",
                                            "caption_column": "text"}, max_steps=2, batch_size=8)
-    summary = run_training(build_config(raw), quiet=True)
+    cfg = build_config(raw)
+    assert prepare_task_data(cfg.task, cfg.data, 0).labels is None
+    assert Prepared(cfg, None).metric == "eval_loss"  # the best checkpoint is picked by the contrastive loss
+    summary = run_training(cfg, quiet=True)
     assert "accuracy" not in summary["metric_after"] and "i2t_recall@1" in summary["metric_after"]
     assert json.loads((tmp_path / "run" / "labels.json").read_text()) is None
     assert cli_main(["predict", str(tmp_path / "run"), "--input", str(table)]) == 2  # zero-shot needs labels

@@ -68,7 +68,20 @@ def text_embeddings(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def image_embeddings(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-    return F.normalize(_features(model.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
+    pixels = pixel_values.to(_model_dtype(model))
+    return F.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+
+def _model_dtype(model: Any) -> torch.dtype:
+    """The dtype of the model's weights (pixels are cast to it: a bfloat16 model takes
+    bfloat16 images)."""
+    dtype = getattr(getattr(model, "module", model), "dtype", None)  # DDP keeps the model in .module
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _forward(model: Any, batch: Batch) -> Any:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"].to(_model_dtype(model)))
 
 
 class ClipProcessor:
@@ -225,7 +238,7 @@ class ClipTask(Task):
 
     # -- training and evaluation ----------------------------------------------------------
     def loss(self, model: Any, batch: Batch) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+        out = _forward(model, batch)
         return contrastive_loss(out.logits_per_image, batch["caption_ids"])
 
     @torch.no_grad()
@@ -255,7 +268,7 @@ class ClipTask(Task):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([items[i] for i in chunk]).items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+            out = _forward(model, batch)
             loss_sum += contrastive_loss(out.logits_per_image, batch["caption_ids"]).double() * len(chunk)
             count += len(chunk)
             images.append(F.normalize(out.image_embeds.float(), dim=-1))
