@@ -58,6 +58,8 @@ class DataSection:
     image_column: str = "image"
     audio_column: str = "audio"
     caption_column: str = "caption"
+    # CLIP: the caption of a record without one, and the zero-shot class prompt
+    caption_template: str = "a photo of a {label}."
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
 

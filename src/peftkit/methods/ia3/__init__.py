@@ -46,6 +46,7 @@ DEFAULT_TARGETS: dict[str, list[tuple[Spec, Spec]]] = {
     "gemma2": [_DECODER],
     "t5": [(["k", "v", "wo"], ["wo"])],
     "mt5": [(["k", "v", "wo"], ["wo"])],
+    "clip": [_FC2],
     "opt": [_FC2],
     "bart": [_FC2],
     "phi": [_FC2],

@@ -8,6 +8,7 @@ from typing import Any
 
 from peftkit.train.config import ConfigError, RunConfig
 from peftkit.train.tasks.base import Task
+from peftkit.train.tasks.clip import ClipTask
 from peftkit.train.tasks.image import ImageClassificationTask
 from peftkit.train.tasks.text import CausalLMTask, Seq2SeqTask, TextClassificationTask
 
@@ -37,6 +38,7 @@ def get_task(name: str) -> Task:
 
 for _task in (TextClassificationTask(), CausalLMTask(), Seq2SeqTask(), ImageClassificationTask()):
     register_task(_task)
+register_task(ClipTask())
 
 
 class Prepared:
@@ -58,4 +60,4 @@ class Prepared:
 
     @property
     def metric(self) -> str:
-        return self.cfg.train.metric or self.task.default_metric
+        return self.cfg.train.metric or self.task.metric_for(self.labels)

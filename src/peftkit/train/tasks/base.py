@@ -165,6 +165,11 @@ class Task:
         model.train(was_training)
         return result
 
+    def metric_for(self, labels: list[Any] | None) -> str:
+        """The validation metric that picks the best checkpoint of a run with these labels
+        (unless ``train.metric`` is set)."""
+        return self.default_metric
+
     def extra_metrics(self, result: dict[str, float]) -> dict[str, float]:
         """Metrics derived from the evaluation loss (e.g. perplexity)."""
         return {}
