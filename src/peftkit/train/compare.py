@@ -112,6 +112,14 @@ def _latency_ms(run_dir: str) -> tuple[float | None, str]:
     return 1000 * sorted(times[3:])[len(times[3:]) // 2], note
 
 
+def _summary_metric(out_dir: str, name: str) -> str | None:
+    try:
+        with open(os.path.join(out_dir, name, "summary.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("metric")
+    except (OSError, ValueError):
+        return None
+
+
 def _run_one(raw: dict[str, Any], name: str, out_dir: str, log: Any) -> Row:
     cfg = _run_config(raw, name, out_dir)
     run_dir = cfg["output_dir"]
@@ -137,7 +145,8 @@ def _run_one(raw: dict[str, Any], name: str, out_dir: str, log: Any) -> Row:
         summary = json.load(fh)
     from peftkit.train.tasks import get_task
 
-    metric_name = (raw.get("train") or {}).get("metric") or get_task(raw.get("task", "classification")).default_metric
+    # the metric the run chose its checkpoint by (it may depend on the data, e.g. labels or not)
+    metric_name = summary.get("metric") or (raw.get("train") or {}).get("metric") or get_task(raw.get("task", "classification")).default_metric
     after = summary.get("metric_after") or {}
     try:
         latency, note = _latency_ms(run_dir)
@@ -256,9 +265,10 @@ def compare(config_path: str, methods: list[str], out_dir: str | None = None, to
     os.makedirs(out_dir, exist_ok=True)
     from peftkit.train.tasks import get_task
 
-    metric = checked.train.metric or get_task(checked.task).default_metric
-    higher = metric_direction(metric)
     rows = [_run_one(raw, name, out_dir, log) for name in methods]
+    chosen = [_summary_metric(out_dir, r.method) for r in rows if r.status == "ok"]
+    metric = checked.train.metric or next((m for m in chosen if m), None) or get_task(checked.task).default_metric
+    higher = metric_direction(metric)
     best = recommend(rows, tolerance, higher)
     table = _markdown(rows, metric)
     verdict = (f"Recommendation: **{best.method}** — the fewest trainable parameters within {tolerance} {metric} of the best."

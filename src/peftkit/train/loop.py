@@ -300,7 +300,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
         if main:
             inner.save_pretrained(best_dir)
     checkpoint()
-    summary = _summary(cfg, inner, state, best_dir, started, accelerator, task.unit)
+    summary = _summary(cfg, inner, state, best_dir, started, accelerator, task.unit, metric_name)
     if main:
         atomic_write_text(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
         import yaml
@@ -330,7 +330,7 @@ def _fmt(result: dict[str, float]) -> str:
 
 
 def _summary(cfg: RunConfig, model: Any, state: dict[str, Any], adapter_dir: str, started: float, accelerator: Any,
-             unit: str) -> dict[str, Any]:
+             unit: str, metric: str) -> dict[str, Any]:
     trainable, total = model.get_nb_trainable_parameters()
     adapter_bytes = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir) if f.endswith(".safetensors")) if os.path.isdir(adapter_dir) else 0
     after = next((h for h in reversed(state["history"]) if h.get("step") == state["best_step"] and "loss" not in h), None)
@@ -341,6 +341,7 @@ def _summary(cfg: RunConfig, model: Any, state: dict[str, Any], adapter_dir: str
         "model": cfg.model.name,
         "method": cfg.method.get("name"),
         "steps": state["step"],
+        "metric": metric,
         "metric_before": state["metric_before"],
         "metric_after": after,
         "best_step": state["best_step"],
