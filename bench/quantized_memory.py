@@ -19,7 +19,7 @@ import sys
 import torch
 
 MODELS = ("minilm", "llama120m")
-MODES = ("fp32", "int8", "nf4")
+MODES = ("fp32", "int8", "nf4", "fp32-gc", "nf4-gc")  # -gc: with gradient checkpointing
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -49,13 +49,19 @@ def one(name: str, mode: str, device: str) -> dict:
     from peftkit import LoraConfig, get_peft_model, memory_report, quantize_model
 
     transformers.logging.set_verbosity_error()
+    runtime = _vm("VmRSS")  # the interpreter, torch and transformers, before any model exists
     model = _build(name)
     linear_fp32 = sum(m.weight.numel() * 4 for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in ("lm_head", "classifier"))
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     model.to(device)  # quantise where the model runs: 8-bit statistics do not follow a later .to()
-    if mode != "fp32":
-        quantize_model(model, bits=4 if mode == "nf4" else 8, quant_type="nf4", double_quant=True, compute_dtype=compute)
+    precision, _, extra = mode.partition("-")
+    if precision != "fp32":
+        quantize_model(model, bits=4 if precision == "nf4" else 8, quant_type="nf4", double_quant=True, compute_dtype=compute)
     report = memory_report(model)
+    if extra == "gc":  # the QLoRA recipe: checkpointed blocks, inputs that require grad
+        from peftkit import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, gradient_checkpointing=True)
     targets = ["query", "key", "value", "dense"] if name == "minilm" else "all-linear"
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="SEQ_CLS" if name == "minilm" else "CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -82,14 +88,15 @@ def one(name: str, mode: str, device: str) -> dict:
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _vm("VmHWM")
     quant = report["quantized_bytes"]
     return {"model": name, "mode": mode, "device": device, "linear_fp32_bytes": linear_fp32,
-            "linear_bytes": quant if mode != "fp32" else linear_fp32, "frozen_bytes": report["frozen_bytes"],
-            "step_peak_bytes": peak, "loss": loss}
+            "linear_bytes": quant if precision != "fp32" else linear_fp32, "frozen_bytes": report["frozen_bytes"],
+            "step_peak_bytes": peak, "runtime_bytes": runtime if device != "cuda" else 0, "loss": loss}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--one", nargs=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "quantized_memory.json"))
     args = parser.parse_args()
@@ -98,19 +105,23 @@ def main() -> None:
         return
     rows = []
     for name in args.models.split(","):
-        for mode in MODES:
+        for mode in args.modes.split(","):
             proc = subprocess.run([sys.executable, __file__, "--one", name, mode, "--device", args.device], capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{name} {mode}: failed\n{proc.stderr[-2000:]}")
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"{'model':<10} {'mode':<5} {'linear MiB':>10} {'vs fp32':>8} {'step peak MiB':>14} {'vs fp32':>8}")
+    print(f"{'model':<10} {'mode':<8} {'linear MiB':>10} {'vs fp32':>8} {'step peak MiB':>14} {'vs fp32':>8} {'above runtime':>14} {'vs fp32':>8}")
     for r in rows:
-        base = next(x for x in rows if x["model"] == r["model"] and x["mode"] == "fp32")
-        print(f"{r['model']:<10} {r['mode']:<5} {r['linear_bytes'] / 2**20:10.1f} {r['linear_bytes'] / r['linear_fp32_bytes']:8.3f} "
-              f"{r['step_peak_bytes'] / 2**20:14.1f} {r['step_peak_bytes'] / base['step_peak_bytes']:8.3f}")
-    with open(args.out, "w") as fh:
+        base = next((x for x in rows if x["model"] == r["model"] and x["mode"] == "fp32"), r)
+        above, base_above = r["step_peak_bytes"] - r["runtime_bytes"], base["step_peak_bytes"] - base["runtime_bytes"]
+        print(f"{r['model']:<10} {r['mode']:<8} {r['linear_bytes'] / 2**20:10.1f} {r['linear_bytes'] / r['linear_fp32_bytes']:8.3f} "
+              f"{r['step_peak_bytes'] / 2**20:14.1f} {r['step_peak_bytes'] / base['step_peak_bytes']:8.3f} "
+              f"{above / 2**20:14.1f} {above / base_above:8.3f}")
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as fh:
         json.dump(rows, fh, indent=2)
+    os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

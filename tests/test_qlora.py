@@ -134,3 +134,75 @@ def test_layers_narrower_than_a_block_evaluate_without_grad():
     with torch.no_grad():
         out = output_of(model, inputs_for("llama"))
     assert torch.isfinite(out).all()
+
+
+def _tiny_llama(hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=2 * hidden, pad_token_id=0))
+
+
+def test_bitsandbytes_config_models_take_adapters_like_quantize_model(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _tiny_llama().save_pretrained(tmp_path / "base")
+    settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=settings, device_map="cpu")
+    ours = quantize_model(_tiny_llama(), bits=4)
+    ids = torch.randint(1, 64, (2, 12))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for q in (loaded, ours):
+        assert type(q.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    a, b = output_of(loaded, inputs), output_of(ours, inputs)
+    assert (a - b).abs().mean() < 0.02 * b.abs().mean()  # the same NF4 rounding of the same weights
+    model = get_peft_model(prepare_model_for_kbit_training(loaded, gradient_checkpointing=True),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    losses = _train(model, inputs)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", ["ia3", "bottleneck"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_ia3_and_bottleneck_adapters_on_quantised_layers(method, bits, tmp_path):
+    from peftkit import BottleneckConfig, IA3Config
+
+    config = (IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]) if method == "ia3"
+              else BottleneckConfig(target_modules=["o_proj", "down_proj"], bottleneck_size=8))
+    inputs = inputs_for("llama")
+    model = get_peft_model(quantize_model(build("llama"), bits=bits), config)
+    wrapped = [m for m in model.modules() if hasattr(m, "base_layer")]
+    assert wrapped and all(type(m.base_layer).__name__ in ("Linear4bit", "Linear8bitLt") for m in wrapped)
+    losses = _train(model, inputs, lr=5e-2)
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path)
+    # the same adapter file serves the float model: outputs stay close to the quantised ones
+    served = PeftModel.from_pretrained(build("llama"), tmp_path)
+    quant_out, float_out = output_of(model, inputs), output_of(served, inputs)
+    assert (float_out - quant_out).abs().mean() < 0.1 * quant_out.abs().mean() + 0.05
+    if method == "ia3":  # merging gives float layers: the dequantised weight, scaled
+        merged = model.merge_and_unload()
+        assert not any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for n, m in merged.named_modules() if n.endswith("v_proj"))
+        # (the quantised layers may compute in bfloat16 on CPUs with AVX512-BF16)
+        torch.testing.assert_close(output_of(merged, inputs), quant_out, atol=1e-2, rtol=1e-2)
+
+
+def test_merge_can_write_a_requantised_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from peftkit import save_quantized
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(1, 64, (2, 12))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    want = output_of(model, inputs)
+    merged = model.merge_and_unload()
+    save_quantized(merged, str(tmp_path / "nf4"), bits=4, compute_dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    got = output_of(loaded, inputs)
+    assert (got - want).abs().mean() < 0.1 * want.abs().mean()
+    with pytest.raises(ValueError, match="already quantised"):
+        save_quantized(loaded, str(tmp_path / "again"))

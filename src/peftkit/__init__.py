@@ -23,7 +23,7 @@ from peftkit.methods.lora.adaptive import RankAllocator
 from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftkit.methods.sparse import SparseConfig
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
-from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model
+from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model, save_quantized
 
 __version__ = "0.1.0"
 
@@ -60,6 +60,7 @@ __all__ = [
     "memory_report",
     "prepare_model_for_kbit_training",
     "quantize_model",
+    "save_quantized",
     "register_method",
     "relevance_scores",
     "set_peft_model_state_dict",

@@ -66,16 +66,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    import shutil
+
+    if os.path.exists(args.out):
+        raise SystemExit(f"{args.out} exists; choose a new folder")
     run, model = _load_run(args.run)
     merged = model.merge_and_unload()
     tmp = args.out.rstrip("/") + ".tmp"
-    _save_model(merged, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if args.quantize:
+        from peftkit.quantization import save_quantized
+
+        save_quantized(merged, tmp, bits=args.quantize, quant_type=args.quant_type)
+    else:
+        _save_model(merged, tmp)
     if hasattr(run.processor, "save_pretrained"):
         run.processor.save_pretrained(tmp)
-    if os.path.exists(args.out):
-        raise SystemExit(f"{args.out} exists; choose a new folder")
     os.replace(tmp, args.out)
-    print(f"merged model written to {args.out} (load it with transformers' from_pretrained)")
+    kind = f"{args.quantize}-bit ({args.quant_type if args.quantize == 4 else 'int8'}) " if args.quantize else ""
+    print(f"merged {kind}model written to {args.out} (load it with transformers' from_pretrained)")
     return 0
 
 
@@ -252,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="write a merged model folder loadable by transformers")
     p.add_argument("run")
     p.add_argument("--out", required=True)
+    p.add_argument("--quantize", type=int, choices=[4, 8], help="save the merged model quantised by bitsandbytes (4- or 8-bit)")
+    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type (default nf4)")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("inspect", help="module tree, parameter counts and target names")
     p.add_argument("model")

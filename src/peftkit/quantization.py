@@ -3,6 +3,8 @@ full precision beside them. Needs bitsandbytes (imported only when these functio
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +21,7 @@ from peftkit.integrations.bitsandbytes import (
 )
 from peftkit.integrations.transformers import enable_input_require_grads, output_head_names
 
-__all__ = ["memory_report", "prepare_model_for_kbit_training", "quantize_model"]
+__all__ = ["memory_report", "prepare_model_for_kbit_training", "quantize_model", "save_quantized"]
 
 
 def quantize_model(
@@ -119,3 +121,36 @@ def memory_report(model: nn.Module) -> dict[str, Any]:
         "optimizer_bytes": 2 * 4 * n_trainable,
         "total_bytes": frozen + quantized + trainable + 2 * 4 * n_trainable,
     }
+
+
+def save_quantized(model: nn.Module, path: str, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
+                   compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Writes a transformers model (e.g. a merged one) to ``path`` quantised by bitsandbytes,
+    as a folder that ``from_pretrained`` loads as a 4-bit or 8-bit model with no further
+    settings (its ``config.json`` carries the ``quantization_config``).
+
+    The weights are quantised from the model's full-precision values, so a model merged from
+    a quantised base is rounded once more (dequantised base plus update, quantised again).
+    """
+    import tempfile
+
+    require_bitsandbytes()
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if not hasattr(model, "save_pretrained") or not hasattr(type(model), "from_pretrained"):
+        raise TypeError(f"{type(model).__name__} is not a transformers model; only those can be saved quantised")
+    if any(quantized_kind(m) for m in model.modules()):
+        raise ValueError("the model is already quantised; merge or dequantise it first")
+    from transformers import BitsAndBytesConfig
+
+    settings = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                                   bnb_4bit_compute_dtype=compute_dtype)
+                if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path)) or ".") as scratch:
+        model.save_pretrained(scratch)
+        quantised = type(model).from_pretrained(scratch, quantization_config=settings,
+                                                device_map={"": device.index if device.type == "cuda" else "cpu"})
+        quantised.save_pretrained(path)

@@ -16,6 +16,7 @@ from torch import nn
 
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.targeting import name_matches
+from peftkit.integrations.bitsandbytes import dequantize, keep_cpu_layout_usable, quantized_kind, set_weight, to_float_linear
 from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.ia3 import functional as IF
 from peftkit.methods.ia3.config import IA3Config
@@ -23,11 +24,11 @@ from peftkit.methods.ia3.config import IA3Config
 __all__ = ["SUPPORTED", "IA3Layer", "create_ia3_layer", "is_feedforward", "is_ia3_supported"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d"
+SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, bitsandbytes 4-/8-bit linear"
 
 
 def is_ia3_supported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, *_CONV_TYPES)) or is_transformers_conv1d(module)
+    return isinstance(module, (nn.Linear, *_CONV_TYPES)) or is_transformers_conv1d(module) or quantized_kind(module) is not None
 
 
 def is_feedforward(config: IA3Config, module_name: str) -> bool:
@@ -58,8 +59,14 @@ class IA3Layer(AdapterLayer):
         self._merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.fan_in_fan_out = is_transformers_conv1d(base_layer)
         self.is_conv = isinstance(base_layer, _CONV_TYPES)
+        # 4-/8-bit bases (bitsandbytes): vectors in float32; merging dequantises, scales and
+        # quantises again
+        self.quantized = quantized_kind(base_layer)
+        keep_cpu_layout_usable(base_layer)
         w = base_layer.weight
-        if self.is_conv:
+        if self.quantized:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        elif self.is_conv:
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         elif self.fan_in_fan_out:
             self.in_features, self.out_features = w.shape[0], w.shape[1]
@@ -77,7 +84,8 @@ class IA3Layer(AdapterLayer):
         feedforward = is_feedforward(config, module_name)
         weight = self.base_layer.weight
         shape = self.vector_shape(feedforward)
-        vector = torch.ones(shape, dtype=_vector_dtype(weight), device=weight.device)
+        dtype = torch.float32 if self.quantized else _vector_dtype(weight)
+        vector = torch.ones(shape, dtype=dtype, device=weight.device)
         if not config.init_ia3_weights:
             with torch.no_grad():
                 vector.add_(torch.randn_like(vector) * 0.1)
@@ -125,18 +133,42 @@ class IA3Layer(AdapterLayer):
         return self._run_scaled(self.adapters_to_run(), x, *args, **kwargs)
 
     # -- merging -----------------------------------------------------------------------
-    def _factor(self, adapter_name: str) -> torch.Tensor:
+    def _factor(self, adapter_name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         base = self.base_layer
+        weight = base.weight if weight is None else weight
         return IF.weight_factor(
             self.ia3_l[adapter_name].detach(),
-            base.weight,
+            weight,
             self.feedforward[adapter_name],
             fan_in_fan_out=self.fan_in_fan_out,
             groups=getattr(base, "groups", 1),
-        ).to(base.weight.dtype)
+        ).to(weight.dtype)
+
+    @torch.no_grad()
+    def _rescale_quantized(self, adapter_name: str, inverse: bool) -> None:
+        """Merging on a 4-/8-bit base: the weight dequantised, scaled, and quantised again
+        (each merge or unmerge rounds once more)."""
+        weight = dequantize(self.base_layer)
+        factor = self._factor(adapter_name, weight)
+        set_weight(self.base_layer, weight / factor if inverse else weight * factor)
+        bias = getattr(self.base_layer, "bias", None)
+        if not self.feedforward[adapter_name] and bias is not None:
+            vector = self.ia3_l[adapter_name].detach().reshape(-1).to(bias.dtype)
+            bias.copy_(bias / vector if inverse else bias * vector)
+
+    def unload(self, merge: bool) -> nn.Module:
+        """On a quantised base, merging gives a float ``nn.Linear``: the dequantised weight
+        scaled in float32 (no second rounding)."""
+        if merge and self.quantized:
+            self.base_layer = to_float_linear(self.base_layer)
+            self.quantized = None
+        return super().unload(merge)
 
     @torch.no_grad()
     def merge_one(self, adapter_name: str) -> None:
+        if self.quantized:
+            self._rescale_quantized(adapter_name, inverse=False)
+            return
         base = self.base_layer
         vector = self.ia3_l[adapter_name].detach()
         bias = getattr(base, "bias", None)
@@ -149,6 +181,9 @@ class IA3Layer(AdapterLayer):
 
     @torch.no_grad()
     def unmerge_one(self, adapter_name: str) -> None:
+        if self.quantized:
+            self._rescale_quantized(adapter_name, inverse=True)
+            return
         base = self.base_layer
         bias = getattr(base, "bias", None)
         backup = self._merge_backup.pop(adapter_name, None)
