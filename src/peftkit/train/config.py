@@ -57,6 +57,8 @@ class DataSection:
     caption_column: str = "caption"
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    # Audio tasks: clips longer than this are cut to their first max_audio_seconds.
+    max_audio_seconds: float | None = None
 
 
 @dataclass
@@ -246,6 +248,8 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
         setattr(config.data, attr, near_config(getattr(config.data, attr)))
     if config.model.checkpoint:
         config.model.checkpoint = near_config(config.model.checkpoint)
+    if os.path.isdir(os.path.join(base_dir, config.model.name)):
+        config.model.name = near_config(config.model.name)  # a model folder next to the config
     file, sep, function = config.model.name.rpartition(":")
     if sep and file.endswith(".py"):
         config.model.name = f"{near_config(file)}:{function}"
