@@ -116,7 +116,7 @@ def test_tables_array_values_and_lists_of_paths(tones, tmp_path):
     data = prepare_task_data(cfg.task, cfg.data, 0)
     assert [r["clip"] for r in data.train] == [str(f) for f in files[:3]]  # relative to the table's folder
     run = Prepared(cfg, data.labels)
-    for record in run.task.read(str(jsonl), cfg.data) + [{"clip": {"bytes": buffer.getvalue()}, "kind": "high"}]:
+    for record in [*run.task.read(str(jsonl), cfg.data), {"clip": {"bytes": buffer.getvalue()}, "kind": "high"}]:
         item = run.encode(record)
         assert item["audio"].shape == (4000,)  # 0.25 s at the model's 16 kHz, whatever the source rate
     listing = tmp_path / "inputs.txt"
@@ -155,6 +155,21 @@ def test_lora_on_wav2vec2_learns_the_tones(tones, tmp_path, capsys, monkeypatch)
     keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.classifier.weight" in keys and "base_model.model.projector.weight" in keys
     assert any(k.endswith("attention.out_proj.lora_A.weight") for k in keys)
+
+    # Hugging Face PEFT reads the adapter (LoRA + the new head) and gives the same outputs
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForAudioClassification
+
+    from peftkit import PeftModel
+
+    def fresh():
+        return AutoModelForAudioClassification.from_pretrained(str(tones / "w2v"), num_labels=2, ignore_mismatched_sizes=True)
+
+    clip = torch.randn(2, 4000)
+    with torch.no_grad():
+        ours = PeftModel.from_pretrained(fresh(), str(tmp_path / "run" / "adapter")).eval()(input_values=clip).logits
+        theirs = peft.PeftModel.from_pretrained(fresh(), str(tmp_path / "run" / "adapter")).eval()(input_values=clip).logits
+    torch.testing.assert_close(ours, theirs)
 
     # `peftkit eval` and `peftkit predict` (paths from --input and from standard input)
     from peftkit.cli import main as cli_main
@@ -265,6 +280,16 @@ def test_max_audio_seconds_cuts_long_clips(tones):
     cfg = build_config({**_config(tones, tones / "unused"), "data": {"train": str(tones / "train"), "max_audio_seconds": 0.1}})
     run = Prepared(cfg, ["high", "low"])
     assert run.encode({"audio": (_sine(300.0, 22050, 1.0).numpy(), 22050), "label": "low"})["audio"].shape == (1600,)
+
+
+def test_a_bfloat16_model_takes_its_features_in_bfloat16(tones):
+    cfg = build_config({**_config(tones, tones / "unused"), "model": {"name": str(tones / "w2v"), "dtype": "bfloat16"}})
+    run = Prepared(cfg, ["high", "low"])
+    batch = run.collate([run.encode({"audio": (_sine(300.0, 16000, 0.2).numpy(), 16000), "label": "low"})])
+    assert batch["input_values"].dtype == torch.float32 and run.model.dtype == torch.bfloat16
+    with torch.no_grad():
+        loss = run.task.loss(run.model, batch)
+    assert torch.isfinite(loss)
 
 
 def test_example_config_runs_on_the_example_data(tmp_path):

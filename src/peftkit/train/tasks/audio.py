@@ -373,7 +373,11 @@ class AudioClassificationTask(Task):
         return int(item["audio"].shape[0])
 
     def logits(self, model: Any, batch: Batch) -> torch.Tensor:
-        return logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        dtype = getattr(model, "dtype", None)  # a bfloat16/float16 model takes its features in that type
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        return logits_of(model(**inputs))
 
     def loss(self, model: Any, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, batch).float(), batch["labels"])
