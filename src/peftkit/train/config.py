@@ -62,6 +62,8 @@ class DataSection:
     caption_template: str = "a photo of a {label}."
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    # Audio tasks: clips longer than this are cut to their first max_audio_seconds.
+    max_audio_seconds: float | None = None
 
 
 @dataclass

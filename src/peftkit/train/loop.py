@@ -132,7 +132,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
         model.gradient_checkpointing_enable()
     from peftkit import get_peft_model
 
-    model = get_peft_model(model, peft_config)
+    model = get_peft_model(model, run.with_heads(peft_config))
     train_items = run.encode_all(data.train)
     val_items = run.encode_all(data.validation)
     lengths = [task.length(i) for i in train_items]

@@ -23,6 +23,7 @@ _CONVENTIONS = (
     (r".*\.self_attn\.o_proj", r".*\.mlp\.down_proj"),  # Llama, Mistral, Qwen
     (r".*\.(SelfAttention|EncDecAttention)\.o", r".*\.DenseReluDense\.wo"),  # T5
     (r".*\.(attention|self_attn)\.(o_proj|out_proj)", r".*\.fc2"),  # ViT, CLIP, Whisper, OPT
+    (r".*\.attention\.out_proj", r".*\.feed_forward\.output_dense"),  # wav2vec 2.0, HuBERT, WavLM
 )
 
 

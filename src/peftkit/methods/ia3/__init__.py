@@ -24,6 +24,8 @@ _BERT_LIKE: tuple[Spec, Spec] = (r".*\.(key|value)|.*\.layer\.\d+\.output\.dense
 _DECODER: tuple[Spec, Spec] = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
 _FUSED_QKV: tuple[Spec, Spec] = (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"])
 _FC2: tuple[Spec, Spec] = (["k_proj", "v_proj", "fc2"], ["fc2"])
+# wav2vec 2.0-style speech encoders (HuBERT, WavLM, data2vec-audio, UniSpeech)
+_SPEECH: tuple[Spec, Spec] = (["k_proj", "v_proj", "feed_forward.output_dense"], ["feed_forward.output_dense"])
 
 #: ``model_type -> [(target_modules, feedforward_modules), ...]``: the keys and values of
 #: the attention and the feed-forward output layer (whose input, the feed-forward
@@ -53,6 +55,13 @@ DEFAULT_TARGETS: dict[str, list[tuple[Spec, Spec]]] = {
     "bloom": [_FUSED_QKV],
     "gpt_neox": [_FUSED_QKV],
     "falcon": [_FUSED_QKV],
+    "wav2vec2": [_SPEECH],
+    "hubert": [_SPEECH],
+    "wavlm": [_SPEECH],
+    "data2vec-audio": [_SPEECH],
+    "unispeech": [_SPEECH],
+    "unispeech-sat": [_SPEECH],
+    "whisper": [_FC2],
 }
 
 

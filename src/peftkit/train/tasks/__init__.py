@@ -7,6 +7,7 @@ import difflib
 from typing import Any
 
 from peftkit.train.config import ConfigError, RunConfig
+from peftkit.train.tasks.audio import AudioClassificationTask
 from peftkit.train.tasks.base import Task
 from peftkit.train.tasks.clip import ClipTask
 from peftkit.train.tasks.image import ImageClassificationTask
@@ -36,7 +37,7 @@ def get_task(name: str) -> Task:
     return _TASKS[name]
 
 
-for _task in (TextClassificationTask(), CausalLMTask(), Seq2SeqTask(), ImageClassificationTask()):
+for _task in (TextClassificationTask(), CausalLMTask(), Seq2SeqTask(), ImageClassificationTask(), AudioClassificationTask()):
     register_task(_task)
 register_task(ClipTask())
 
@@ -51,6 +52,14 @@ class Prepared:
         self.model, self.processor = self.task.load(cfg, labels)
         self.encode = self.task.encoder(cfg, self.processor, labels)
         self.collate = self.task.collator(cfg, self.processor)
+
+    def with_heads(self, peft_config: Any) -> Any:
+        """``peft_config`` with the task's fresh head modules added to its ``modules_to_save``."""
+        heads = self.task.head_modules(self.model)
+        if heads and hasattr(peft_config, "modules_to_save"):
+            wanted = list(peft_config.modules_to_save or [])
+            peft_config.modules_to_save = wanted + [h for h in heads if h not in wanted]
+        return peft_config
 
     def encode_all(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [self.encode(r) for r in records]
