@@ -200,6 +200,11 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
         accelerator.wait_for_everyone()
 
     best_dir = os.path.join(cfg.output_dir, "adapter")
+
+    def save_adapter() -> None:
+        inner.save_pretrained(best_dir)
+        task.after_save(inner, best_dir, cfg)
+
     progress = _Progress(total_steps, main and not quiet, task.unit)
     model.train()
     window_loss, window_n = 0.0, 0
@@ -256,7 +261,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
                         if better:
                             state["best"], state["best_step"], state["bad_evals"] = value, step, 0
                             if main:
-                                inner.save_pretrained(best_dir)
+                                save_adapter()
                         else:
                             state["bad_evals"] += 1
                         progress.close()
@@ -295,10 +300,10 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
             state["history"].append({"step": state["step"], **result})
             write_metrics({"step": state["step"], **result})
         if main:
-            inner.save_pretrained(best_dir)
+            save_adapter()
     elif not val_items or state["best"] is None:
         if main:
-            inner.save_pretrained(best_dir)
+            save_adapter()
     checkpoint()
     summary = _summary(cfg, inner, state, best_dir, started, accelerator, task.unit)
     if main:

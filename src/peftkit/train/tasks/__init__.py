@@ -8,6 +8,7 @@ from typing import Any
 
 from peftkit.train.config import ConfigError, RunConfig
 from peftkit.train.tasks.base import Task
+from peftkit.train.tasks.diffusion import TextToImageTask
 from peftkit.train.tasks.image import ImageClassificationTask
 from peftkit.train.tasks.text import CausalLMTask, Seq2SeqTask, TextClassificationTask
 
@@ -35,7 +36,7 @@ def get_task(name: str) -> Task:
     return _TASKS[name]
 
 
-for _task in (TextClassificationTask(), CausalLMTask(), Seq2SeqTask(), ImageClassificationTask()):
+for _task in (TextClassificationTask(), CausalLMTask(), Seq2SeqTask(), ImageClassificationTask(), TextToImageTask()):
     register_task(_task)
 
 
