@@ -64,7 +64,7 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0, prediction_typ
         norm_num_groups=8, sample_size=16,
     )
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, prediction_type=prediction_type)
+                              beta_end=0.012, clip_sample=False, steps_offset=1, prediction_type=prediction_type)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)

@@ -15,20 +15,20 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from transformers import CLIPTextModel  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from transformers import CLIPTextModel
 
-from peftkit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peftkit.integrations.diffusers import (  # noqa: E402
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.integrations.diffusers import (
     LORA_WEIGHT_NAME,
     DiffusersLoraError,
     load_lora_weights,
     read_lora_weights,
     save_lora_weights,
 )
-from peftkit.train import ConfigError, run_training  # noqa: E402
-from peftkit.train.config import build_config  # noqa: E402
+from peftkit.train import ConfigError, run_training
+from peftkit.train.config import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -85,7 +85,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
     """Makes both LoRA factors non-trivial, as after training."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
@@ -195,6 +195,33 @@ def test_diffusers_lora_file_without_metadata_loads_as_diffusers_does(pipeline_d
     states, out = _outputs(loaded["unet"], loaded["text_encoder"])
     torch.testing.assert_close(states, expected_states, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_older_diffusers_key_names_are_read(pipeline_dir, tmp_path):
+    """Files of older diffusers versions: attention-processor names and lora.down/up."""
+    from safetensors.torch import load_file, save_file
+
+    unet = get_peft_model(_unet(pipeline_dir), LoraConfig(r=2, lora_alpha=2, target_modules=UNET_TARGETS))
+    text_encoder = get_peft_model(_text_encoder(pipeline_dir), LoraConfig(r=2, lora_alpha=2, target_modules=TEXT_TARGETS))
+    _perturb(unet, 7)
+    _perturb(text_encoder, 8)
+    current = load_file(save_lora_weights(tmp_path / "new", unet=unet, text_encoder=text_encoder))
+    old = {}
+    for key, tensor in current.items():
+        factor = "down" if ".lora_A." in key else "up"
+        module = key.split(".lora_")[0]
+        if key.startswith("unet."):
+            parent, _, proj = module.removesuffix(".0").rpartition(".")
+            old[f"{parent}.processor.{proj}_lora.{factor}.weight"] = tensor
+        else:
+            old[f"text_encoder.text_model.{module.removeprefix('text_encoder.')}.lora_linear_layer.{factor}.weight"] = tensor
+    assert any(".processor.to_out_lora.up.weight" in k for k in old)
+    save_file(old, str(tmp_path / LORA_WEIGHT_NAME))  # no metadata: scale 1, as α = r here
+    loaded = load_lora_weights(tmp_path, unet=_unet(pipeline_dir), text_encoder=_text_encoder(pipeline_dir))
+    expected_states, expected = _outputs(unet, text_encoder)
+    states, out = _outputs(loaded["unet"], loaded["text_encoder"])
+    torch.testing.assert_close(states, expected_states, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_reading_bad_files_names_the_problem(pipeline_dir, tmp_path):

@@ -46,13 +46,16 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-# Older diffusers and kohya-style names of the two LoRA factors -> PEFT's names.
+# Names of the two LoRA factors in files of older diffusers versions -> PEFT's names.
 _FACTOR_ALIASES = {
     ".lora.down.weight": ".lora_A.weight",
     ".lora.up.weight": ".lora_B.weight",
     ".lora_linear_layer.down.weight": ".lora_A.weight",
     ".lora_linear_layer.up.weight": ".lora_B.weight",
 }
+# The oldest diffusers files name the attention processor: `attn1.processor.to_q_lora.down.weight`.
+_PROCESSOR_ALIASES = {f".processor.{p}_lora.": f".{m}.lora." for p, m in
+                      (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0"))}
 # LoRA settings the metadata carries that peftkit's LoraConfig reads.
 _CONFIG_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
 
@@ -126,7 +129,7 @@ def diffusers_lora_state_dict(model: nn.Module, adapter_name: str = "default") -
         if adapter_name in layer.lora_embedding_A:
             raise DiffusersLoraError(f"{name}: LoRA on embeddings cannot be loaded by diffusers pipelines")
         for key, tensor in layer.adapter_state_dict(adapter_name).items():
-            tensors[f"{name}.{key}"] = tensor.detach()
+            tensors[f"{name}.{key}"] = tensor.detach().cpu()
         ranks[name] = layer.r[adapter_name]
         alphas[name] = layer.lora_alpha[adapter_name]
         rslora.add(_scaling_kind(name, layer, adapter_name))
@@ -235,7 +238,7 @@ def read_lora_weights(path: str | os.PathLike, weight_name: str | None = None) -
     file = _file_of(path, weight_name)
     with safe_open(file, framework="pt") as fh:
         raw_meta = (fh.metadata() or {}).get(METADATA_KEY)
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     metadata: dict[str, Any] = json.loads(raw_meta) if raw_meta else {}
     per_component: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, dict[str, float]] = {}
@@ -249,11 +252,12 @@ def read_lora_weights(path: str | os.PathLike, weight_name: str | None = None) -
         if rest.endswith(".alpha"):  # a network alpha: α of one module
             alphas.setdefault(component, {})[rest[: -len(".alpha")]] = float(tensor.item())
             continue
+        for old, new in _PROCESSOR_ALIASES.items():
+            rest = rest.replace(old, new)
         for old, new in _FACTOR_ALIASES.items():
             if rest.endswith(old):
                 rest = rest[: -len(old)] + new
                 break
-        rest = rest.replace(".processor.", ".")  # oldest diffusers files name the attention processor
         per_component.setdefault(component, {})[rest] = tensor
     out = {}
     for component, state in per_component.items():

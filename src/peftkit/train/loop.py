@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core.io import atomic_write_text, save_tensors
+from peftkit.core.io import WEIGHTS_NAME, atomic_write_text, save_tensors
 from peftkit.train.config import RunConfig, method_config
 from peftkit.train.data import batch_order, prepare_task_data
 from peftkit.train.evaluate import metric_direction
@@ -337,7 +337,7 @@ def _fmt(result: dict[str, float]) -> str:
 def _summary(cfg: RunConfig, model: Any, state: dict[str, Any], adapter_dir: str, started: float, accelerator: Any,
              unit: str) -> dict[str, Any]:
     trainable, total = model.get_nb_trainable_parameters()
-    adapter_bytes = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir) if f.endswith(".safetensors")) if os.path.isdir(adapter_dir) else 0
+    adapter_bytes = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir) if f == WEIGHTS_NAME) if os.path.isdir(adapter_dir) else 0
     after = next((h for h in reversed(state["history"]) if h.get("step") == state["best_step"] and "loss" not in h), None)
     after = {k: v for k, v in after.items() if k != "step"} if after else None
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()
