@@ -60,8 +60,8 @@ __all__ = [
     "memory_report",
     "prepare_model_for_kbit_training",
     "quantize_model",
-    "save_quantized",
     "register_method",
     "relevance_scores",
+    "save_quantized",
     "set_peft_model_state_dict",
 ]

@@ -30,7 +30,8 @@ DEFAULT = "default"
 
 def _model_name(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
-    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+    name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+    return os.fspath(name) if isinstance(name, os.PathLike) else name  # a Path given to from_pretrained
 
 
 class PeftModel(nn.Module):

@@ -4,7 +4,6 @@ full precision beside them. Needs bitsandbytes (imported only when these functio
 from __future__ import annotations
 
 import os
-
 from collections.abc import Sequence
 from typing import Any
 

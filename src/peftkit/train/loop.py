@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core.io import atomic_write_text, save_tensors
+from peftkit.core.io import WEIGHTS_NAME, atomic_write_text, save_tensors
 from peftkit.train.config import RunConfig, method_config
 from peftkit.train.data import batch_order, prepare_task_data
 from peftkit.train.evaluate import metric_direction
@@ -200,6 +200,11 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
         accelerator.wait_for_everyone()
 
     best_dir = os.path.join(cfg.output_dir, "adapter")
+
+    def save_adapter() -> None:
+        inner.save_pretrained(best_dir)
+        task.after_save(inner, best_dir, cfg)
+
     progress = _Progress(total_steps, main and not quiet, task.unit)
     model.train()
     window_loss, window_n = 0.0, 0
@@ -256,7 +261,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
                         if better:
                             state["best"], state["best_step"], state["bad_evals"] = value, step, 0
                             if main:
-                                inner.save_pretrained(best_dir)
+                                save_adapter()
                         else:
                             state["bad_evals"] += 1
                         progress.close()
@@ -295,10 +300,10 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
             state["history"].append({"step": state["step"], **result})
             write_metrics({"step": state["step"], **result})
         if main:
-            inner.save_pretrained(best_dir)
+            save_adapter()
     elif not val_items or state["best"] is None:
         if main:
-            inner.save_pretrained(best_dir)
+            save_adapter()
     checkpoint()
     summary = _summary(cfg, inner, state, best_dir, started, accelerator, task.unit, metric_name)
     if main:
@@ -332,7 +337,7 @@ def _fmt(result: dict[str, float]) -> str:
 def _summary(cfg: RunConfig, model: Any, state: dict[str, Any], adapter_dir: str, started: float, accelerator: Any,
              unit: str, metric: str) -> dict[str, Any]:
     trainable, total = model.get_nb_trainable_parameters()
-    adapter_bytes = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir) if f.endswith(".safetensors")) if os.path.isdir(adapter_dir) else 0
+    adapter_bytes = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir) if f == WEIGHTS_NAME) if os.path.isdir(adapter_dir) else 0
     after = next((h for h in reversed(state["history"]) if h.get("step") == state["best_step"] and "loss" not in h), None)
     after = {k: v for k, v in after.items() if k != "step"} if after else None
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()

@@ -16,7 +16,13 @@ from torch import nn
 
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.targeting import name_matches
-from peftkit.integrations.bitsandbytes import dequantize, keep_cpu_layout_usable, quantized_kind, set_weight, to_float_linear
+from peftkit.integrations.bitsandbytes import (
+    dequantize,
+    keep_cpu_layout_usable,
+    quantized_kind,
+    set_weight,
+    to_float_linear,
+)
 from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.ia3 import functional as IF
 from peftkit.methods.ia3.config import IA3Config

@@ -10,6 +10,7 @@ from peftkit.train.config import ConfigError, RunConfig
 from peftkit.train.tasks.audio import AudioClassificationTask
 from peftkit.train.tasks.base import Task
 from peftkit.train.tasks.clip import ClipTask
+from peftkit.train.tasks.diffusion import TextToImageTask
 from peftkit.train.tasks.image import ImageClassificationTask
 from peftkit.train.tasks.text import CausalLMTask, Seq2SeqTask, TextClassificationTask
 
@@ -37,9 +38,9 @@ def get_task(name: str) -> Task:
     return _TASKS[name]
 
 
-for _task in (TextClassificationTask(), CausalLMTask(), Seq2SeqTask(), ImageClassificationTask(), AudioClassificationTask()):
+for _task in (TextClassificationTask(), CausalLMTask(), Seq2SeqTask(), ImageClassificationTask(), ClipTask(),
+              AudioClassificationTask(), TextToImageTask()):
     register_task(_task)
-register_task(ClipTask())
 
 
 class Prepared:

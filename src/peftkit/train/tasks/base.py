@@ -184,6 +184,12 @@ class Task:
         for start in range(0, len(items), size):
             yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(items[start : start + size]).items()}
 
+    # -- files ------------------------------------------------------------------------------
+    def after_save(self, model: Any, directory: str, cfg: RunConfig) -> None:
+        """Called (on the main process) each time the run's adapter is written to
+        ``directory`` by ``model.save_pretrained``; a task may add files there, e.g. the
+        adapter in another tool's format. Does nothing by default."""
+
     # -- prediction -------------------------------------------------------------------------
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
                 labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
