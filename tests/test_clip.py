@@ -201,8 +201,8 @@ def test_image_folder_captions_come_from_the_template(ws, tmp_path):
     data = prepare_task_data(cfg.task, cfg.data, 0)
     run = Prepared(cfg, data.labels)
     assert data.labels == ["blue", "red"] and run.metric == "accuracy"
-    batch = run.collate(run.encode_all(data.train[6:10]))  # two reds, two blues
-    assert batch["input_ids"].shape[0] == 2 and batch["caption_ids"].tolist() == [0, 0, 1, 1]
+    batch = run.collate(run.encode_all(data.train[6:10]))  # blue, red, blue, red (class folders interleave)
+    assert batch["input_ids"].shape[0] == 2 and batch["caption_ids"].tolist() == [0, 1, 0, 1]
     prompt = run.processor.tokens("a blue shape.")
     assert batch["input_ids"][0, : len(prompt)].tolist() == prompt and batch["attention_mask"][0].sum() == len(prompt)
     summary = run_training(cfg, quiet=True)

@@ -71,9 +71,11 @@ def test_vit_learns_colours_from_an_image_folder_and_predicts(tmp_path, capsys):
     val = _squares(tmp_path / "val", per_class=6, seed=1)
     model_dir = _vision_model_dir(tmp_path, "vit")
     cfg = _config(tmp_path, model={"name": str(model_dir)}, data={"train": str(data), "validation": str(val)},
-                  method={"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier"]},
+                  method={"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
                   train={"max_steps": 12})
     summary = run_training(cfg, quiet=True)
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["classifier"]  # the new head trains beside the adapter
     assert summary["metric_before"]["accuracy"] <= 0.75
     assert summary["metric_after"]["accuracy"] == 1.0
     assert summary["throughput_unit"] == "images/s"
@@ -192,9 +194,16 @@ def test_table_of_relative_paths_and_bitfit_on_a_cnn(tmp_path):
     rows = [f"imgs/{c}/{i}.png,{c}" for c in ("red", "blue") for i in range(6)]
     table = tmp_path / "train.csv"
     table.write_text("image,label\n" + "\n".join(rows) + "\n")
-    cfg = _config(tmp_path, model={"name": f"{DIGITS / 'cnn.py'}:small_cnn", "image_size": 8, "image_channels": 1},
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("cnn", DIGITS / "cnn.py")
+    cnn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cnn)
+    save_file(cnn.SmallCNN(5).state_dict(), str(tmp_path / "five.safetensors"))  # a 5-way head: 2 classes here
+    cfg = _config(tmp_path, model={"name": f"{DIGITS / 'cnn.py'}:small_cnn", "image_size": 8, "image_channels": 1,
+                                   "checkpoint": str(tmp_path / "five.safetensors")},
                   data={"train": str(table), "validation": str(table)},
-                  method={"name": "bitfit", "modules_to_save": ["head"]}, train={"max_steps": 10, "lr": 3e-2})
+                  method={"name": "bitfit"}, train={"max_steps": 10, "lr": 3e-2})
     summary = run_training(cfg, quiet=True)
     assert summary["trainable_parameters"] == 16 + 32 + 64 + (256 * 2 + 2)
     assert summary["metric_after"]["accuracy"] > summary["metric_before"]["accuracy"] or summary["metric_after"]["accuracy"] == 1.0

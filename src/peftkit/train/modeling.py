@@ -153,6 +153,7 @@ def load_vision_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, An
     mean, std = m.image_mean, m.image_std
     size = m.image_size
     crop_pct = 1.0
+    fresh: list[str] = []
     if name.startswith("timm:"):
         try:
             import timm
@@ -163,32 +164,38 @@ def load_vision_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, An
         size = size or int(data_cfg.get("input_size", (3, 224, 224))[-1])
         mean, std = mean or list(data_cfg.get("mean", IMAGENET_MEAN)), std or list(data_cfg.get("std", IMAGENET_STD))
         crop_pct = float(data_cfg.get("crop_pct", 0.875))
+        head = data_cfg.get("classifier")
+        if n and isinstance(head, str):
+            fresh.append(head)
     elif name.startswith("torchvision:"):
         try:
             from torchvision import models as tv_models
         except ImportError as exc:
             raise ConfigError("torchvision models need `pip install torchvision`") from exc
         model = tv_models.get_model(name[12:], weights=None if m.checkpoint else "DEFAULT")
-        _replace_head(model, n)
+        fresh += _replace_head(model, n)
         size, crop_pct = size or 224, 0.875
     elif is_factory(name):
         model = build_from_factory(name, n)
     else:
         return _transformers_vision(cfg, labels)
     if m.checkpoint:
-        load_checkpoint(model, m.checkpoint, m.checkpoint_exclude)
+        fresh = sorted({k.rpartition(".")[0] for k in load_checkpoint(model, m.checkpoint, m.checkpoint_exclude)})
     if size is None:
         raise ConfigError(f"model.image_size is needed for {name!r}: the input size of the model (e.g. 224)")
     channels = m.image_channels
     mean = mean or (list(IMAGENET_MEAN) if channels == 3 else [0.5] * channels)
     std = std or (list(IMAGENET_STD) if channels == 3 else [0.5] * channels)
-    return model, ImagePreprocessor(size, mean, std, channels, crop_pct)
+    processor = ImagePreprocessor(size, mean, std, channels, crop_pct)
+    processor.fresh_modules = fresh
+    return model, processor
 
 
-def _replace_head(model: torch.nn.Module, num_labels: int | None) -> None:
-    """A new last linear layer with ``num_labels`` outputs (torchvision classifiers)."""
+def _replace_head(model: torch.nn.Module, num_labels: int | None) -> list[str]:
+    """A new last linear layer with ``num_labels`` outputs (torchvision classifiers); returns
+    its name when it was replaced."""
     if num_labels is None:
-        return
+        return []
     last = None
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -197,9 +204,10 @@ def _replace_head(model: torch.nn.Module, num_labels: int | None) -> None:
         raise ConfigError(f"{type(model).__name__} has no linear head to replace for {num_labels} classes")
     old = model.get_submodule(last)
     if old.out_features == num_labels:
-        return
+        return []
     parent, _, child = last.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, torch.nn.Linear(old.in_features, num_labels))
+    return [last]
 
 
 def _transformers_vision(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
@@ -220,7 +228,9 @@ def _transformers_vision(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any,
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint, cfg.model.checkpoint_exclude)
     try:
-        processor = AutoImageProcessor.from_pretrained(path)
+        processor = _TransformersImageProcessor(AutoImageProcessor.from_pretrained(path))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path!r} has no image processor (preprocessor_config.json): {exc}") from exc
-    return model, _TransformersImageProcessor(processor)
+    if labels and isinstance(getattr(model, "classifier", None), torch.nn.Module):
+        processor.fresh_modules = ["classifier"]  # sized for the run's labels
+    return model, processor

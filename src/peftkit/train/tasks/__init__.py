@@ -56,7 +56,10 @@ class Prepared:
 
     def with_heads(self, peft_config: Any) -> Any:
         """``peft_config`` with the task's fresh head modules added to its ``modules_to_save``."""
-        heads = self.task.head_modules(self.model)
+        heads = self.task.head_modules(self.model, self.processor)
+        targets = getattr(peft_config, "target_modules", None)
+        named = [targets] if isinstance(targets, str) else list(targets or [])
+        heads = [h for h in heads if h not in named]  # a method told to train the head in place does so
         if heads and hasattr(peft_config, "modules_to_save"):
             wanted = list(peft_config.modules_to_save or [])
             peft_config.modules_to_save = wanted + [h for h in heads if h not in wanted]

@@ -343,7 +343,7 @@ class AudioClassificationTask(Task):
     def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
         return load_audio_model(cfg, labels)
 
-    def head_modules(self, model: Any) -> list[str]:
+    def head_modules(self, model: Any, processor: Any) -> list[str]:
         return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)]
 
     def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> Callable[[dict[str, Any]], Item]:

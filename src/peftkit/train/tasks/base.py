@@ -106,7 +106,7 @@ class Task:
         """The base model and its processor (tokenizer, image processor, ...)."""
         raise NotImplementedError
 
-    def head_modules(self, model: Any) -> list[str]:
+    def head_modules(self, model: Any, processor: Any) -> list[str]:
         """Modules of ``model`` built fresh for the run (a head for its labels): the run trains
         them in full and saves them with the adapter (added to the method's ``modules_to_save``)."""
         return []

@@ -58,6 +58,8 @@ class ImagePreprocessor:
         self.size, self.channels, self.crop_pct = size, channels, crop_pct
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        # modules the run built fresh (a new head): trained in full beside any adapter
+        self.fresh_modules: list[str] = []
 
     def __call__(self, image: Any) -> torch.Tensor:
         Image = _pil()
@@ -78,6 +80,7 @@ class _TransformersImageProcessor:
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
+        self.fresh_modules: list[str] = []
 
     def __call__(self, image: Any) -> torch.Tensor:
         return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
@@ -146,6 +149,9 @@ class ImageClassificationTask(Task):
         from peftkit.train.modeling import load_vision_model
 
         return load_vision_model(cfg, labels)
+
+    def head_modules(self, model: Any, processor: Any) -> list[str]:
+        return list(getattr(processor, "fresh_modules", []))
 
     def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> Callable[[dict[str, Any]], Item]:
         label_id = LabelIds(labels)
