@@ -19,7 +19,8 @@ import sys
 import torch
 
 MODELS = ("minilm", "llama120m")
-MODES = ("fp32", "int8", "nf4", "fp32-gc", "nf4-gc")  # -gc: with gradient checkpointing
+# -gc: gradient checkpointing; -ce: the loss computed in chunks (peftkit.chunked_causal_lm_loss)
+MODES = ("fp32", "int8", "nf4", "fp32-gc", "nf4-gc", "fp32-gc-ce", "nf4-gc-ce")
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -54,11 +55,11 @@ def one(name: str, mode: str, device: str) -> dict:
     linear_fp32 = sum(m.weight.numel() * 4 for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in ("lm_head", "classifier"))
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     model.to(device)  # quantise where the model runs: 8-bit statistics do not follow a later .to()
-    precision, _, extra = mode.partition("-")
+    precision, *extras = mode.split("-")
     if precision != "fp32":
         quantize_model(model, bits=4 if precision == "nf4" else 8, quant_type="nf4", double_quant=True, compute_dtype=compute)
     report = memory_report(model)
-    if extra == "gc":  # the QLoRA recipe: checkpointed blocks, inputs that require grad
+    if "gc" in extras:  # the QLoRA recipe: checkpointed blocks, inputs that require grad
         from peftkit import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, gradient_checkpointing=True)
@@ -71,7 +72,12 @@ def one(name: str, mode: str, device: str) -> dict:
     model.train()
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=labels).loss
+        if "ce" in extras:
+            from peftkit import chunked_causal_lm_loss
+
+            loss = chunked_causal_lm_loss(model, ids, labels, chunk_size=128)
+        else:
+            loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

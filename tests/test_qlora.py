@@ -206,3 +206,27 @@ def test_merge_can_write_a_requantised_model(tmp_path):
     assert (got - want).abs().mean() < 0.1 * want.abs().mean()
     with pytest.raises(ValueError, match="already quantised"):
         save_quantized(loaded, str(tmp_path / "again"))
+
+
+def test_chunked_lm_loss_equals_the_model_loss_and_its_gradients():
+    from peftkit import chunked_causal_lm_loss
+
+    model = get_peft_model(quantize_model(build("llama"), bits=4), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(1, 99, (3, 11))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt the loss does not cover
+    mask = torch.ones_like(ids)
+    grads = []
+    for chunked in (False, True):
+        loss = (chunked_causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_size=7) if chunked
+                else model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad()
+        grads[-1]["loss"] = loss.detach()
+    torch.testing.assert_close(grads[1]["loss"], grads[0]["loss"])
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_causal_lm_loss(model, ids, chunk_size=0)

@@ -12,6 +12,7 @@ from peftkit.config import PeftConfig, PeftType, TargetedConfig, TaskType
 from peftkit.core.registry import Method, get_method, list_methods, register_method
 from peftkit.core.state import AdapterStateError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.targeting import TargetError
+from peftkit.lm_loss import chunked_causal_lm_loss
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.full import FullFineTuningConfig
@@ -50,6 +51,7 @@ __all__ = [
     "TargetError",
     "TargetedConfig",
     "TaskType",
+    "chunked_causal_lm_loss",
     "get_method",
     "get_peft_model",
     "get_peft_model_state_dict",
