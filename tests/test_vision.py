@@ -207,3 +207,27 @@ def test_table_of_relative_paths_and_bitfit_on_a_cnn(tmp_path):
     summary = run_training(cfg, quiet=True)
     assert summary["trainable_parameters"] == 16 + 32 + 64 + (256 * 2 + 2)
     assert summary["metric_after"]["accuracy"] > summary["metric_before"]["accuracy"] or summary["metric_after"]["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+def test_timm_and_torchvision_models_from_a_checkpoint(tmp_path, library):
+    pytest.importorskip(library)
+    from safetensors.torch import save_file
+
+    if library == "timm":
+        import timm
+
+        name, source = "timm:resnet18", timm.create_model("resnet18", pretrained=False, num_classes=10)
+    else:
+        from torchvision import models
+
+        name, source = "torchvision:resnet18", models.resnet18(weights=None, num_classes=10)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "weights.safetensors"))
+    data = _squares(tmp_path / "imgs", per_class=4, size=40)
+    cfg = _config(tmp_path, model={"name": name, "checkpoint": str(tmp_path / "weights.safetensors"), "image_size": 32},
+                  data={"train": str(data), "validation": str(data)},
+                  method={"name": "lora", "r": 2, "target_modules": ["conv2"]}, train={"max_steps": 2, "batch_size": 4})
+    summary = run_training(cfg, quiet=True)
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["fc"]  # the 10-way head replaced by a 2-way one, trained in full
+    assert summary["steps"] == 2 and "accuracy" in summary["metric_after"]
