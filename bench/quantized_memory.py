@@ -118,6 +118,8 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         for mode in args.modes.split(","):
+            if "ce" in mode.split("-") and name == "minilm":
+                continue  # the chunked loss is for causal LMs; MiniLM classifies
             # A fixed mmap threshold makes glibc return large freed blocks to the system at once,
             # so the resident peak follows the tensors alive rather than the heap's high-water mark.
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
