@@ -9,7 +9,7 @@ import torch
 
 from peftkit.train.config import ConfigError, RunConfig
 
-__all__ = ["MODEL_ALIASES", "build_from_factory", "load_checkpoint", "load_model_and_tokenizer", "load_vision_model", "resolve_model_path"]
+__all__ = ["MODEL_ALIASES", "build_from_factory", "load_checkpoint", "load_model_and_tokenizer", "load_vision_model", "resolve_model_path", "transformers_source"]
 
 MODEL_ALIASES = ("minilm",)
 
@@ -25,14 +25,10 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_model_and_tokenizer(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
+def transformers_source(cfg: RunConfig) -> tuple[str, torch.dtype]:
+    """The folder (or hub id) and dtype of the run's transformers model, checked; quiet
+    transformers logging."""
     import transformers
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -42,6 +38,18 @@ def load_model_and_tokenizer(cfg: RunConfig, labels: list[Any] | None) -> tuple[
     dtype = getattr(torch, cfg.model.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"model.dtype {cfg.model.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    return path, dtype
+
+
+def load_model_and_tokenizer(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    path, dtype = transformers_source(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -211,19 +219,15 @@ def _replace_head(model: torch.nn.Module, num_labels: int | None) -> list[str]:
 
 
 def _transformers_vision(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
-    import transformers
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from peftkit.train.tasks.image import _TransformersImageProcessor
 
-    transformers.logging.set_verbosity_error()
-    path = resolve_model_path(cfg.model.name)
-    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ConfigError(f"model {path!r} is not a local folder and the hub is offline")
-    kwargs: dict[str, Any] = {}
+    path, dtype = transformers_source(cfg)
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if labels:
-        kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(map(str, labels))),
-                  "label2id": {str(v): i for i, v in enumerate(labels)}, "ignore_mismatched_sizes": True}
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
+                      label2id={str(v): i for i, v in enumerate(labels)}, ignore_mismatched_sizes=True)
     model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint, cfg.model.checkpoint_exclude)

@@ -258,18 +258,11 @@ class AudioProcessor:
 def load_audio_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, AudioProcessor]:
     """An ``AutoModelForAudioClassification`` with a new head for ``labels`` and its feature
     extractor, from ``model.name`` (a local folder or a hub id)."""
-    import transformers
     from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
-    from peftkit.train.modeling import load_checkpoint, resolve_model_path
+    from peftkit.train.modeling import load_checkpoint, transformers_source
 
-    transformers.logging.set_verbosity_error()
-    path = resolve_model_path(cfg.model.name)
-    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ConfigError(f"model {path!r} is not a local folder and the hub is offline")
-    dtype = getattr(torch, cfg.model.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"model.dtype {cfg.model.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    path, dtype = transformers_source(cfg)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if labels:
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),

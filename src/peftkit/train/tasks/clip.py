@@ -18,7 +18,6 @@ probability mass on them. Without duplicates this is CLIP's loss exactly.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -126,19 +125,11 @@ class ClipProcessor:
 def load_clip_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, ClipProcessor]:
     """A CLIP-style dual encoder (``AutoModel``) from ``model.name`` with its tokenizer and
     image processor."""
-    import transformers
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    from peftkit.train.modeling import load_checkpoint, resolve_model_path
+    from peftkit.train.modeling import load_checkpoint, transformers_source
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    path = resolve_model_path(cfg.model.name)
-    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ConfigError(f"model {path!r} is not a local folder and the hub is offline")
-    dtype = getattr(torch, cfg.model.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"model.dtype {cfg.model.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    path, dtype = transformers_source(cfg)
     model = AutoModel.from_pretrained(path, dtype=dtype)
     missing = [a for a in ("get_text_features", "get_image_features", "logit_scale") if not hasattr(model, a)]
     if missing:

@@ -36,7 +36,7 @@ from torch import nn
 
 from peftkit.train.config import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import Batch, Item, Task, require_column
-from peftkit.train.tasks.image import ImagePreprocessor, _base_dir, load_image, read_image_folder
+from peftkit.train.tasks.image import ImagePreprocessor, load_image, read_image_folder, read_image_table
 
 __all__ = ["DiffusionProcessor", "TextToImageModel", "TextToImageTask"]
 
@@ -198,15 +198,7 @@ class TextToImageTask(Task):
             for r in records:
                 r[data.caption_column] = r[data.caption_column].replace("_", " ")
             return records
-        from peftkit.train.data import read_records
-
-        records = read_records(path)
-        base = _base_dir(path)
-        for r in records:
-            value = r.get(data.image_column)
-            if isinstance(value, str) and not os.path.isabs(value):
-                r[data.image_column] = os.path.join(base, value)
-        return records
+        return read_image_table(path, data.image_column)
 
     def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
         require_column(records, data.image_column, path, "data.image_column")

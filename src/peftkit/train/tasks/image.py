@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peftkit.train.config import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, infer_labels, logits_of, require_column
 
-__all__ = ["ImageClassificationTask", "ImagePreprocessor", "read_image_folder"]
+__all__ = ["ImageClassificationTask", "ImagePreprocessor", "read_image_folder", "read_image_table"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # ImageNet statistics: the usual normalisation of pretrained vision models
@@ -112,6 +112,20 @@ def _base_dir(path: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
+def read_image_table(path: str, image_column: str) -> list[dict[str, Any]]:
+    """The records of a table (or saved dataset) whose relative image paths are made
+    relative to the table's folder."""
+    from peftkit.train.data import read_records
+
+    records = read_records(path)
+    base = _base_dir(path)
+    for r in records:
+        value = r.get(image_column)
+        if isinstance(value, str) and not os.path.isabs(value):
+            r[image_column] = os.path.join(base, value)
+    return records
+
+
 class ImageClassificationTask(Task):
     name = "image_classification"
     task_type = None  # the adapter's task is not needed by any image-model method
@@ -122,15 +136,7 @@ class ImageClassificationTask(Task):
         records = read_image_folder(path, data.image_column, data.label_column)
         if records is not None:
             return records
-        from peftkit.train.data import read_records
-
-        records = read_records(path)
-        base = _base_dir(path)
-        for r in records:  # relative image paths are relative to the data file
-            value = r.get(data.image_column)
-            if isinstance(value, str) and not os.path.isabs(value):
-                r[data.image_column] = os.path.join(base, value)
-        return records
+        return read_image_table(path, data.image_column)
 
     def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
         require_column(records, data.image_column, path, "data.image_column")
@@ -215,5 +221,8 @@ def takes_keyword(model: Any, name: str) -> bool:
 
 
 def call_with_pixels(model: Any, pixels: torch.Tensor) -> Any:
-    """``model(pixel_values=...)`` for transformers models, ``model(pixels)`` for plain modules."""
+    """``model(pixel_values=...)`` for transformers models, ``model(pixels)`` for plain modules
+    (pixels in the dtype of the model's weights)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), pixels.dtype)
+    pixels = pixels.to(dtype)
     return model(pixel_values=pixels) if takes_keyword(model, "pixel_values") else model(pixels)
