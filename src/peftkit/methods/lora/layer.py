@@ -176,13 +176,18 @@ class LoraLayer(AdapterLayer):
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
 
     def add_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return result + self.addend(name, x, result)
+
+    def addend(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds to the base output ``result``: ``s·B·A·x`` (DoRA: its
+        correction of ``result``)."""
         x = x.to(self.factors(name)[0].dtype)
         if name in self.lora_magnitude_vector:
-            return self.add_dora_branch(name, x, result)
-        return result + self.branch(name, x).to(result.dtype)
+            return self.dora_correction(name, x, result)
+        return self.branch(name, x).to(result.dtype)
 
-    def add_dora_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``h = b + (m/‖W₀+ΔW‖)·(W₀x + s·B·A·x)``, written as a correction of ``result``."""
+    def dora_correction(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``h = b + (m/‖W₀+ΔW‖)·(W₀x + s·B·A·x)``, written as a correction added to ``result``."""
         scale = self.magnitude_scale(name, self.delta(name))
         shape = [1] * result.dim()
         shape[self.channel_dim(result)] = -1
@@ -190,8 +195,8 @@ class LoraLayer(AdapterLayer):
         bias = getattr(self.base_layer, "bias", None)
         base = result if bias is None else result - bias.view([-1 if i == self.channel_dim(result) else 1 for i in range(result.dim())])
         lora = self.unscaled_branch(name, x).to(result.dtype)
-        # Summed in this order, outputs agree bit for bit with Hugging Face PEFT's.
-        return result + ((scale - 1) * base + scale * lora * self.scaling[name])
+        # Added to result in this order, outputs agree bit for bit with Hugging Face PEFT's.
+        return (scale - 1) * base + scale * lora * self.scaling[name]
 
     def channel_dim(self, result: torch.Tensor) -> int:
         return result.dim() - 1
@@ -199,10 +204,10 @@ class LoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.example_adapters is not None:
+            # Each group's rows get result + addend, as in a batch of that adapter alone.
             for name, idx in self.example_groups(x.shape[0]) or []:
                 idx = idx.to(x.device)
-                part = self.add_branch(name, x[idx], result[idx]) - result[idx]
-                result = result.index_add(0, idx, part)
+                result = result.index_add(0, idx, self.addend(name, x[idx], result[idx]))
             return result
         for name in self.adapters_to_run():
             result = self.add_branch(name, x, result)
@@ -326,8 +331,8 @@ class LoraEmbedding(LoraLayer):
         looked_up = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
         return (looked_up @ b.T) * self.scaling[name]
 
-    def add_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return result + self.branch(name, x).to(result.dtype)
+    def addend(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return self.branch(name, x).to(result.dtype)
 
 
 def is_lora_supported(module: nn.Module) -> bool:
