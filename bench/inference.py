@@ -1,9 +1,11 @@
 """Inference latency with LoRA adapters, peftkit against Hugging Face PEFT, interleaved.
 
-    python bench/inference.py [--model llama120m|minilm] [--pairs 5] [--reps 3]
+    python bench/inference.py [--model llama120m|minilm] [--rounds 5]
 
-Each run (a fresh subprocess, libraries alternating A B A B ...) builds the base model and
-times, in turn, ``reps`` times each (float32, ``torch.inference_mode``):
+One process builds the base model once and holds copies of it with each library's adapters;
+all variants run in turn, a warm-up round and then ``--rounds`` rounds, the order reversed
+every round, so that each ratio compares calls made under nearly the same load (float32,
+``torch.inference_mode``):
 
 * prefill: one forward pass over a batch (llama120m: 4 × 128 tokens; minilm: 32 SST-2
   sentences) of the base model, the model with an unmerged LoRA adapter (r=8, targets as in
@@ -61,137 +63,131 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def one(lib_name: str, model_name: str, reps: int, threads: int) -> dict:
+def run(model_name: str, rounds: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    lib = C.Lib(lib_name)
     batch, requests = _inputs(model_name)
     base = C.build_model(model_name, seed=0).eval()
+    libs = {name: C.Lib(name) for name in C.LIBS}
 
-    def wrapped():
-        m = lib.wrap(copy.deepcopy(base), "lora", model_name)
-        C.set_identical_adapter(lib, m, seed=1, randomise_constants=True)
+    def wrapped(lib: C.Lib, adapters=("default",)):
+        m = lib.wrap(copy.deepcopy(base), "lora", model_name, adapter_name=adapters[0])
+        ours, theirs = C.configs("lora", model_name)
+        for name in adapters[1:]:
+            m.add_adapter(name, ours if lib.name == "peftkit" else theirs)
+        for i, name in enumerate(adapters):
+            C.set_identical_adapter(lib, m, adapter_name=name, seed=1 + 10 * i, randomise_constants=True)
         return m.eval()
 
-    unmerged = wrapped()
-    merged = wrapped().merge_and_unload().eval()
-    variants = {"base": base, "unmerged": unmerged, "merged": merged}
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    outs = {}
+    models = {"base": base}
+    for name, lib in libs.items():
+        models[f"{name}_unmerged"] = wrapped(lib)
+        models[f"{name}_merged"] = wrapped(lib).merge_and_unload().eval()
+    outs: dict = {}
+
+    def forward(key: str):
+        def call(_i: int) -> float:
+            t, out = _timed(lambda: models[key](**batch))
+            outs[key] = _logits(out)
+            return t
+        return call
+
+    result: dict = {"model": model_name, "rounds": rounds, "threads": threads}
     with torch.inference_mode():
-        for _ in range(reps + 1):  # the first round warms up and is dropped
-            for name, model in variants.items():
-                t, out = _timed(lambda model=model: model(**batch))
-                times[name].append(t)
-                outs[name] = _logits(out)
-        result: dict = {"lib": lib_name}
-        result.update({f"{k}_s": statistics.median(v[1:]) for k, v in times.items()})
-        result["unmerged_over_base"] = statistics.median(u / b for u, b in zip(times["unmerged"][1:], times["base"][1:], strict=True))
-        result["merged_over_base"] = statistics.median(m / b for m, b in zip(times["merged"][1:], times["base"][1:], strict=True))
-        result["merged_vs_unmerged_max_diff"] = float((outs["merged"] - outs["unmerged"]).abs().max())
-        result["adapter_changes_output"] = float((outs["unmerged"] - outs["base"]).abs().max())
-        result["unmerged_logits_sample"] = outs["unmerged"].flatten()[:64].tolist()
-        del variants, merged
+        times = C.alternate({key: forward(key) for key in models}, rounds)
+        result["prefill_s"] = times
+        for name in libs:
+            u, m, b = times[f"{name}_unmerged"], times[f"{name}_merged"], times["base"]
+            result[f"{name}_unmerged_over_base"] = C.ratio_summary(u, b)
+            result[f"{name}_merged_over_base"] = C.ratio_summary(m, b)
+            result[f"{name}_merged_vs_unmerged_max_diff"] = float((outs[f"{name}_merged"] - outs[f"{name}_unmerged"]).abs().max())
+        result["unmerged_ratio"] = C.ratio_summary(times["peftkit_unmerged"], times["peft_unmerged"])
+        result["merged_ratio"] = C.ratio_summary(times["peftkit_merged"], times["peft_merged"])
+        result["libraries_max_logit_diff"] = float((outs["peftkit_unmerged"] - outs["peft_unmerged"]).abs().max())
+        result["adapter_changes_output"] = float((outs["peftkit_unmerged"] - outs["base"]).abs().max())
+        models.clear()
 
-        # four adapters, one per request
-        multi = lib.wrap(copy.deepcopy(base), "lora", model_name, adapter_name=ADAPTERS[0])
-        ours, theirs = C.configs("lora", model_name)
-        for name in ADAPTERS[1:]:
-            multi.add_adapter(name, ours if lib_name == "peftkit" else theirs)
-        for i, name in enumerate(ADAPTERS):
-            C.set_identical_adapter(lib, multi, adapter_name=name, seed=10 + i, randomise_constants=True)
-        multi.eval()
+        # four adapters, one per request: one mixed batch against four single-request passes
+        multi = {name: wrapped(lib, ADAPTERS) for name, lib in libs.items()}
 
-        def singles_forward():
-            outs = []
-            for i, name in enumerate(ADAPTERS):
-                multi.set_adapter(name)
-                outs.append(_logits(multi(**{k: v[i : i + 1] for k, v in requests.items()})))
-            return torch.cat(outs)
+        def singles(name: str, fn):
+            def call():
+                pieces = []
+                for i, adapter in enumerate(ADAPTERS):
+                    multi[name].set_adapter(adapter)
+                    pieces.append(fn(multi[name], {k: v[i : i + 1] for k, v in requests.items()}))
+                return torch.cat(pieces)
+            return call
 
-        def singles_generate():
-            outs = []
-            for i, name in enumerate(ADAPTERS):
-                multi.set_adapter(name)
-                outs.append(multi.generate(**{k: v[i : i + 1] for k, v in requests.items()}, max_new_tokens=NEW_TOKENS,
-                                           do_sample=False, pad_token_id=0))
-            return torch.cat(outs)
+        def fwd(model, inputs, **kw):
+            return _logits(model(**inputs, **kw))
 
-        cases = {"forward": (lambda: _logits(multi(**requests, adapter_names=list(ADAPTERS))), singles_forward)}
-        if model_name == "llama120m":
-            cases["generate"] = (lambda: multi.generate(**requests, adapter_names=list(ADAPTERS), max_new_tokens=NEW_TOKENS,
-                                                        do_sample=False, pad_token_id=0), singles_generate)
-        for case, (mixed_fn, singles_fn) in cases.items():
-            mixed_t, singles_t = [], []
-            for _ in range(reps + 1):
-                t, mixed_out = _timed(mixed_fn)
-                mixed_t.append(t)
-                t, singles_out = _timed(singles_fn)
-                singles_t.append(t)
-            result[f"mixed_{case}_s"] = statistics.median(mixed_t[1:])
-            result[f"singles_{case}_s"] = statistics.median(singles_t[1:])
-            result[f"singles_over_mixed_{case}"] = statistics.median(s / m for s, m in zip(singles_t[1:], mixed_t[1:], strict=True))
-            if case == "forward":
-                result["mixed_vs_singles_max_diff"] = float((mixed_out - singles_out).abs().max())
-            else:
-                result["mixed_generate_equals_singles"] = bool(torch.equal(mixed_out, singles_out))
+        def gen(model, inputs, **kw):
+            return model.generate(**inputs, **kw, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+
+        kinds = {"forward": fwd, **({"generate": gen} if model_name == "llama120m" else {})}
+        for kind, fn in kinds.items():
+            calls, results = {}, {}
+            for name in libs:
+                calls[f"{name}_mixed"] = lambda name=name, fn=fn: fn(multi[name], requests, adapter_names=list(ADAPTERS))
+                calls[f"{name}_singles"] = singles(name, fn)
+
+            def timed(key: str, calls=calls, results=results):
+                def call(_i: int) -> float:
+                    t, results[key] = _timed(calls[key])
+                    return t
+                return call
+
+            times = C.alternate({key: timed(key) for key in calls}, rounds)
+            result[f"{kind}_s"] = times
+            for name in libs:
+                result[f"{name}_singles_over_mixed_{kind}"] = C.ratio_summary(times[f"{name}_singles"], times[f"{name}_mixed"])
+                a, b = results[f"{name}_mixed"], results[f"{name}_singles"]
+                result[f"{name}_mixed_vs_singles_{kind}"] = (bool(torch.equal(a, b)) if kind == "generate"
+                                                            else float((a - b).abs().max()))
+            result[f"mixed_{kind}_ratio"] = C.ratio_summary(times["peftkit_mixed"], times["peft_mixed"])
+            result[f"singles_{kind}_ratio"] = C.ratio_summary(times["peftkit_singles"], times["peft_singles"])
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama120m", choices=C.MODELS)
-    parser.add_argument("--pairs", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after a warm-up round)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="JSON file (default bench/inference_<model>.json)")
-    parser.add_argument("--one", choices=C.LIBS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        import json
-
-        print(json.dumps(one(args.one, args.model, args.reps, args.threads)))
-        return
-    runs = C.interleave(lambda lib, i: C.run_child(__file__, ["--one", lib, "--model", args.model, "--reps", str(args.reps),
-                                                               "--threads", str(args.threads)]), args.pairs)
-    pk, pf = runs["peftkit"], runs["peft"]
-
-    def med(lib: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[lib])
-
-    cases = ["forward", "generate"] if args.model == "llama120m" else ["forward"]
-    result: dict = {"model": args.model, "pairs": args.pairs, "reps": args.reps, "threads": args.threads, "machine": C.machine(),
-                    "runs": runs}
-    for key in ("base_s", "unmerged_s", "merged_s", *(f"mixed_{c}_s" for c in cases), *(f"singles_{c}_s" for c in cases)):
-        result[f"ratio_{key[:-2]}"] = C.ratio_summary([r[key] for r in pk], [r[key] for r in pf])
-    sample_diff = max(abs(a - b) for a, b in zip(pk[0]["unmerged_logits_sample"], pf[0]["unmerged_logits_sample"], strict=True))
-    result["libraries_max_logit_diff"] = sample_diff
-    print(f"{args.model}: {args.pairs} interleaved pairs, {args.reps} timed repetitions each, {args.threads} threads")
+    r = run(args.model, args.rounds, args.threads)
+    r["machine"] = C.machine()
+    med = statistics.median
+    print(f"{args.model}: {args.rounds} rounds (all variants alternating in one process, order reversed every round), "
+          f"{args.threads} threads")
+    p = r["prefill_s"]
+    rows = [["base model", f"{med(p['base']) * 1000:.1f}", f"{med(p['base']) * 1000:.1f}", "", ""]]
+    for v in ("unmerged", "merged"):
+        rows.append([f"{v} LoRA", f"{med(p[f'peftkit_{v}']) * 1000:.1f}", f"{med(p[f'peft_{v}']) * 1000:.1f}",
+                     C.fmt_ratio(r[f"{v}_ratio"]), " / ".join(C.fmt_ratio(r[f"{lib}_{v}_over_base"]) for lib in C.LIBS)])
+    C.print_table(["prefill ms (median)", "peftkit", "peft", "peftkit / peft", "over base: peftkit / peft"], rows)
     rows = []
-    for label, key in (("base (prefill)", "base_s"), ("unmerged LoRA", "unmerged_s"), ("merged", "merged_s")):
-        rows.append([label, f"{med('peftkit', key) * 1000:.1f}", f"{med('peft', key) * 1000:.1f}",
-                     C.fmt_ratio(result[f"ratio_{key[:-2]}"])])
-    for c in cases:
-        for kind in ("mixed", "singles"):
-            key = f"{kind}_{c}_s"
-            label = f"4 adapters {c}: {'one mixed batch' if kind == 'mixed' else '4 single passes'}"
-            rows.append([label, f"{med('peftkit', key) * 1000:.1f}", f"{med('peft', key) * 1000:.1f}", C.fmt_ratio(result[f"ratio_{key[:-2]}"])])
+    for kind in ("forward", "generate"):
+        if f"{kind}_s" not in r:
+            continue
+        t = r[f"{kind}_s"]
+        for mode, label in (("mixed", "one mixed batch"), ("singles", "4 single passes")):
+            rows.append([f"4 adapters, {kind}: {label}", f"{med(t[f'peftkit_{mode}']) * 1000:.1f}", f"{med(t[f'peft_{mode}']) * 1000:.1f}",
+                         C.fmt_ratio(r[f"{mode}_{kind}_ratio"])])
+        rows.append([f"  singles / mixed ({kind})", *(C.fmt_ratio(r[f"{lib}_singles_over_mixed_{kind}"]) for lib in C.LIBS), ""])
     C.print_table(["ms (median)", "peftkit", "peft", "peftkit / peft"], rows)
-    rows = []
-    for label, key in (("unmerged / base", "unmerged_over_base"), ("merged / base", "merged_over_base"),
-                       *((f"4 singles / mixed batch ({c})", f"singles_over_mixed_{c}") for c in cases)):
-        rows.append([label, *(f"{med(lib, key):.3f} ({min(r[key] for r in runs[lib]):.3f}–{max(r[key] for r in runs[lib]):.3f})"
-                              for lib in C.LIBS)])
-    C.print_table(["within each library", "peftkit", "peft"], rows)
     for lib in C.LIBS:
-        r = runs[lib][0]
-        checks = f"merged vs unmerged max |diff| {r['merged_vs_unmerged_max_diff']:.2e}, mixed vs singles {r['mixed_vs_singles_max_diff']:.2e}"
-        if "mixed_generate_equals_singles" in r:
-            checks += f", generated tokens equal: {r['mixed_generate_equals_singles']}"
-        print(f"{lib}: {checks}; adapter changes logits by up to {r['adapter_changes_output']:.2f}")
-    print(f"peftkit vs peft logits (unmerged, 64 values): max |diff| {sample_diff:.2e}")
-    C.write_json(args.out or os.path.join(C.BENCH, f"inference_{args.model}.json"), result)
+        checks = (f"merged vs unmerged max |diff| {r[f'{lib}_merged_vs_unmerged_max_diff']:.2e}, "
+                  f"mixed vs singles {r[f'{lib}_mixed_vs_singles_forward']:.2e}")
+        if f"{lib}_mixed_vs_singles_generate" in r:
+            checks += f", generated tokens equal: {r[f'{lib}_mixed_vs_singles_generate']}"
+        print(f"{lib}: {checks}")
+    print(f"adapter changes logits by up to {r['adapter_changes_output']:.2f}; "
+          f"peftkit vs peft logits max |diff| {r['libraries_max_logit_diff']:.2e}")
+    C.write_json(args.out or os.path.join(C.BENCH, f"inference_{args.model}.json"), r)
 
 
 if __name__ == "__main__":
