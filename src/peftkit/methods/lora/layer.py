@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Base layers whose forward returns a new tensor that their backward does not keep.
+_OWNED_OUTPUT_TYPES = (nn.Linear, nn.Embedding, *_CONV_TYPES)
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding"
 
 
@@ -169,7 +171,8 @@ class LoraLayer(AdapterLayer):
     # -- forward -----------------------------------------------------------------------
     def branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``s·B·A·dropout(x)`` for one adapter."""
-        return self.unscaled_branch(name, x) * self.scaling[name]
+        # Scaled in place: B's output is a new tensor that B's backward does not keep.
+        return self.unscaled_branch(name, x).mul_(self.scaling[name])
 
     def unscaled_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``B·A·dropout(x)``."""
@@ -210,8 +213,19 @@ class LoraLayer(AdapterLayer):
                 result = result.index_add(0, idx, self.addend(name, x[idx], result[idx]))
             return result
         for name in self.adapters_to_run():
-            result = self.add_branch(name, x, result)
+            if name in self.lora_magnitude_vector or not self.owns_output(result):
+                result = self.add_branch(name, x, result)
+            else:
+                result = result.add_(self.addend(name, x, result))
         return result
+
+    def owns_output(self, result: torch.Tensor) -> bool:
+        """Whether the base layer's output may be updated in place (same values as
+        ``result + addend``, without a new tensor): the base is a plain torch layer, whose
+        backward keeps its inputs but not its output, no forward hook may hold the output,
+        and the output is not a leaf that requires a gradient."""
+        return (type(self.base_layer) in _OWNED_OUTPUT_TYPES and not self.base_layer._forward_hooks
+                and not (result.is_leaf and result.requires_grad))
 
 
 class LoraLinear(LoraLayer):
