@@ -222,10 +222,12 @@ class LoraLayer(AdapterLayer):
     def owns_output(self, result: torch.Tensor) -> bool:
         """Whether the base layer's output may be updated in place (same values as
         ``result + addend``, without a new tensor): the base is a plain torch layer, whose
-        backward keeps its inputs but not its output, no forward hook may hold the output,
-        and the output is not a leaf that requires a gradient."""
-        return (type(self.base_layer) in _OWNED_OUTPUT_TYPES and not self.base_layer._forward_hooks
-                and not (result.is_leaf and result.requires_grad))
+        backward keeps its inputs but not its output, and no forward hook may hold the output."""
+        # Only where autograd does not record: the output of a linear layer on a batch of
+        # sequences is a view, and an in-place update of a view costs the backward pass a
+        # copy of the whole output.
+        return (not torch.is_grad_enabled() and type(self.base_layer) in _OWNED_OUTPUT_TYPES
+                and not self.base_layer._forward_hooks)
 
 
 class LoraLinear(LoraLayer):
