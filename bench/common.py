@@ -193,7 +193,9 @@ def configs(method: str, model: str) -> tuple[Any, Any]:
 
     task = "SEQ_CLS" if model == "minilm" else "CAUSAL_LM"
     if method == "lora":
-        targets: Any = ["query", "key", "value", "attention.output.dense"] if model == "minilm" else "all-linear"
+        # every linear layer but the output head, named (the same layers as "all-linear")
+        llama = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        targets = ["query", "key", "value", "attention.output.dense"] if model == "minilm" else llama
         kw: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": targets, "task_type": task}
         return peftkit.LoraConfig(**kw), peft.LoraConfig(**kw)
     if method == "ia3":

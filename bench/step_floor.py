@@ -7,7 +7,7 @@ every layer (the embedding output requires a gradient) but no adapter: the work 
 must do for an adapter on every layer, before the adapter's own matrix products, element-wise
 ops, optimiser update and Python code. One process holds three models (floor, peftkit,
 peft) and alternates them step by step; the report gives each library's median step time
-and its excess over the floor. ``--profile`` adds a torch.profiler table of one peftkit step.
+and its excess over the floor. ``--profile`` adds a torch.profiler table (calls and self time per operator) of one step of each.
 """
 
 from __future__ import annotations
@@ -78,12 +78,17 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        step("peftkit", batches[0])
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step("peftkit", batches[1])
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        print(table)
-        result["profile_peftkit"] = table
+        per_op: dict[str, dict[str, tuple[int, float]]] = {}
+        for key in models:
+            step(key, batches[0])
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(key, batches[1])
+            per_op[key] = {e.key: (e.count, e.self_cpu_time_total / 1000) for e in prof.key_averages()}
+        ops = sorted(set().union(*per_op.values()), key=lambda op: -max(v.get(op, (0, 0.0))[1] for v in per_op.values()))[:20]
+        print("one profiled step each: calls and self CPU ms per operator")
+        C.print_table(["operator", *models], [[op, *(f"{per_op[k].get(op, (0, 0.0))[0]} / {per_op[k].get(op, (0, 0.0))[1]:.1f}"
+                                                     for k in models)] for op in ops])
+        result["profile"] = per_op
     C.write_json(args.out or os.path.join(C.BENCH, f"step_floor_{args.model}_{args.method}.json"), result)
 
 
