@@ -402,6 +402,14 @@ def test_all_linear_excludes_output_head() -> None:
     assert "head" not in _targets(build("mlp"), target_modules="all-linear")
 
 
+def test_all_linear_second_adapter_finds_the_wrapped_layers() -> None:
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules="all-linear"))
+    model.add_adapter("second", LoraConfig(r=2, target_modules="all-linear"))
+    first = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    second = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "second" in m.lora_A}
+    assert len(first) == 2 * 7 and second == first
+
+
 def test_exclude_modules() -> None:
     names = _targets(build("gpt2"), target_modules="all-linear", exclude_modules=["c_proj"])
     assert {n.rsplit(".", 1)[-1] for n in names} == {"c_attn", "c_fc"}

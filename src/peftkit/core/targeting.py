@@ -119,7 +119,9 @@ def find_targets(
             continue
         module = modules[name]
         if target_modules == ALL_LINEAR:
-            if not is_linear_like(module) or name in heads:
+            # a layer already wrapped by an adapter counts as what it wraps
+            inner = getattr(module, "base_layer", None)
+            if not is_linear_like(inner if isinstance(inner, nn.Module) else module) or name in heads:
                 continue
         elif not _spec_matches(name, target_modules):
             continue
