@@ -55,9 +55,16 @@ def write_json(path: str, data: Any) -> None:
         raise
 
 
-def run_child(script: str, args: Sequence[str]) -> dict:
-    """Runs ``script`` in a fresh interpreter; its last stdout line is a JSON object."""
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+# glibc's mmap threshold fixed at 128 KiB: large freed blocks go back to the system at once,
+# so a process's resident peak follows the tensors alive rather than the C heap's high-water mark
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_child(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> dict:
+    """Runs ``script`` in a fresh interpreter (``env`` added to the environment); its last
+    stdout line is a JSON object."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         sys.exit(f"{os.path.basename(script)} {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--loss-tol", type=float, default=1e-4, help="largest allowed |loss difference| between the libraries")
     parser.add_argument("--out", help="JSON file (default bench/train_step[_<model>][_<method>].json)")
+    parser.add_argument("--fixed-mmap", action="store_true",
+                        help="memory runs with glibc's mmap threshold fixed (peak follows live tensors, not heap retention)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 5:
@@ -183,7 +185,8 @@ def main() -> None:
     peak_rate = C.matmul_peak_flops(args.threads)
     t = C.run_child(__file__, ["--child", "timing", *common_args])
     peak_rate = max(peak_rate, C.matmul_peak_flops(args.threads))  # the better of before and after
-    mem = C.interleave(lambda lib, i: C.run_child(__file__, ["--child", "memory", lib, *common_args]), args.pairs)
+    env = C.FIXED_MMAP if args.fixed_mmap else None
+    mem = C.interleave(lambda lib, i: C.run_child(__file__, ["--child", "memory", lib, *common_args], env), args.pairs)
     pk, pf = mem["peftkit"], mem["peft"]
     drift = max(abs(a - b) for a, b in zip(t["losses"]["peftkit"], t["losses"]["peft"], strict=True))
     drift = max([drift] + [abs(a - b) for x, y in zip(pk, pf, strict=True) for a, b in zip(x["losses"], y["losses"], strict=True)])
@@ -193,7 +196,7 @@ def main() -> None:
         print(f"warning: trainable parameters differ: {t['trainable']}")
     result = {
         "model": args.model, "method": args.method, "steps": args.steps, "warm_steps": WARM_STEPS, "pairs": args.pairs,
-        "memory_steps": args.memory_steps, "threads": args.threads, "machine": C.machine(), "trainable": t["trainable"],
+        "memory_steps": args.memory_steps, "fixed_mmap": args.fixed_mmap, "threads": args.threads, "machine": C.machine(), "trainable": t["trainable"],
         "step_ms": {lib: [x * 1000 for x in t["times"][lib]] for lib in C.LIBS},
         "peak_mib": {"peftkit": [r["peak_bytes"] / 2**20 for r in pk], "peft": [r["peak_bytes"] / 2**20 for r in pf]},
         "time_ratio": C.ratio_summary(t["times"]["peftkit"], t["times"]["peft"]),
