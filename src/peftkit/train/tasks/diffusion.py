@@ -167,6 +167,10 @@ def load_pipeline_parts(path: str, dtype: torch.dtype) -> dict[str, Any]:
         from transformers import AutoTokenizer, CLIPTextModel
     except ImportError as exc:
         raise ConfigError("task text_to_image needs diffusers and transformers: `pip install peftkit[diffusion]`") from exc
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
     _check_pipeline_folder(path)
     try:
         return {
