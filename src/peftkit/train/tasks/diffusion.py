@@ -168,9 +168,11 @@ def load_pipeline_parts(path: str, dtype: torch.dtype) -> dict[str, Any]:
     except ImportError as exc:
         raise ConfigError("task text_to_image needs diffusers and transformers: `pip install peftkit[diffusion]`") from exc
     import diffusers
+    import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
     _check_pipeline_folder(path)
     try:
         return {
