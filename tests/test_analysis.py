@@ -143,3 +143,32 @@ def test_interpolation_of_in_place_full_finetuning():
     assert torch.equal(output_of(model, inputs), tuned)
     with pytest.raises(ValueError, match="pretrained"):
         interpolate(model, 0.5)
+
+
+def test_relevance_scores_convolutions_and_plots_models_without_blocks(tmp_path):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+
+    class Stage(torch.nn.Module):
+        def __init__(self, c_in: int, c_out: int) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+            self.depthwise = torch.nn.Conv2d(c_out, c_out, 3, padding=1, groups=c_out)
+
+        def forward(self, x):
+            return torch.relu(self.depthwise(self.conv(x)))
+
+    cnn = torch.nn.Sequential()
+    cnn.stages = torch.nn.ModuleList([Stage(1, 4), Stage(4, 4)])
+    cnn.head = torch.nn.Linear(4 * 8 * 8, 3)
+    cnn.forward = lambda x: cnn.head(cnn.stages[1](cnn.stages[0](x)).flatten(1))
+    batch = {"x": torch.randn(6, 1, 8, 8), "y": torch.tensor([0, 1, 2, 0, 1, 2])}
+    loss = lambda model, b: torch.nn.functional.cross_entropy(model(b["x"]), b["y"])  # noqa: E731
+    report = relevance_scores(cnn, [batch], loss_fn=loss)
+    scored = {m.name: m.layer for m in report.modules}
+    assert scored == {"stages.0.conv": 0, "stages.1.conv": 1, "head": None}  # grouped convolutions are not LoRA targets
+    report.plot(str(tmp_path / "cnn.png"))
+    flat = relevance_scores(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)),
+                            [{"x": torch.randn(3, 4), "y": torch.tensor([0, 1, 0])}], loss_fn=lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["y"]))
+    flat.plot(str(tmp_path / "flat.png"))  # no repeated blocks: one bar per module
+    assert (tmp_path / "cnn.png").stat().st_size > 0 and (tmp_path / "flat.png").stat().st_size > 0

@@ -45,6 +45,13 @@ def _default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return loss
 
 
+def _adaptable(module: nn.Module) -> bool:
+    """Linear layers, GPT-2's ``Conv1D`` and ungrouped convolutions: what LoRA adapts."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.groups == 1
+    return is_linear_like(module)
+
+
 def relevance_scores(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -53,7 +60,7 @@ def relevance_scores(
     layers_pattern: str | None = None,
     max_batches: int | None = None,
 ) -> RelevanceReport:
-    """Scores the candidate modules of ``model`` (linear layers by default) on ``batches``.
+    """Scores the candidate modules of ``model`` (linear and convolution layers by default) on ``batches``.
 
     The model's ``requires_grad`` flags and ``.grad`` fields are restored afterwards; its
     weights are not changed.
@@ -62,14 +69,15 @@ def relevance_scores(
         model: the model to analyse (not wrapped, or wrapped: base weights are scored).
         batches: dicts of model inputs (with labels when ``loss_fn`` is None).
         loss_fn: ``(model, batch) -> loss``; default ``model(**batch).loss``.
-        is_candidate: which modules to score (default: linear layers and GPT-2 ``Conv1D``).
+        is_candidate: which modules to score (default: linear layers, GPT-2 ``Conv1D`` and
+            ungrouped convolutions).
         layers_pattern: attribute holding the blocks, for the layer index (guessed if None).
         max_batches: stop after this many batches.
 
     Returns:
         A :class:`RelevanceReport`.
     """
-    is_candidate = is_candidate or is_linear_like
+    is_candidate = is_candidate or _adaptable
     modules = [(n, m) for n, m in model.named_modules() if n and is_candidate(m) and getattr(m, "weight", None) is not None]
     if not modules:
         raise ValueError("no candidate module with a weight found in the model")
@@ -207,14 +215,21 @@ class RelevanceReport:
         from peftkit.core.io import atomic_write
 
         layers, kinds, grid = self.heatmap(score)
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.45 * len(layers)))
-        image = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
-        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
-        ax.set_xlabel("module kind")
-        ax.set_ylabel("layer")
-        ax.set_title(f"relevance ({score})")
-        fig.colorbar(image, ax=ax)
+        if not layers:  # no repeated blocks found: one bar per module instead
+            ranked = self.ranking(score)[:30]
+            fig, ax = plt.subplots(figsize=(6, 1.2 + 0.3 * len(ranked)))
+            ax.barh([m.name for m in reversed(ranked)], [getattr(m, score) for m in reversed(ranked)])
+            ax.set_xlabel(score)
+            ax.set_title(f"relevance ({score})")
+        else:
+            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.45 * len(layers)))
+            image = ax.imshow(grid, aspect="auto", cmap="viridis")
+            ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+            ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+            ax.set_xlabel("module kind")
+            ax.set_ylabel("layer")
+            ax.set_title(f"relevance ({score})")
+            fig.colorbar(image, ax=ax)
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
         plt.close(fig)

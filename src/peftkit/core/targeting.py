@@ -23,7 +23,7 @@ __all__ = ["TargetError", "find_targets", "layer_index", "matches_key", "name_ma
 
 ALL_LINEAR = "all-linear"
 # Attribute names that hold the list of repeated blocks in common architectures.
-_DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers")
+_DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers", "stages")
 
 
 class TargetError(ValueError):
