@@ -293,7 +293,13 @@ class PeftModel(nn.Module):
         peftkit or Hugging Face PEFT). On any error ``model`` is left unchanged."""
         directory = resolve_adapter_dir(model_id, subfolder)
         config = copy.copy(config) if config is not None else PeftConfig.from_pretrained(directory)
-        state = load_tensors(directory)
+        return cls.from_state(model, config, load_tensors(directory), adapter_name, is_trainable)
+
+    @classmethod
+    def from_state(cls, model: nn.Module, config: PeftConfig, state: dict[str, torch.Tensor],
+                   adapter_name: str = DEFAULT, is_trainable: bool = False) -> PeftModel:
+        """Wraps ``model`` with a new adapter of ``config`` holding the tensors of ``state``
+        (file keys). On any error ``model`` is left unchanged."""
         config.inference_mode = not is_trainable
         trainable = {p: p.requires_grad for p in model.parameters()}
         peft_model = cls(model, config, adapter_name)

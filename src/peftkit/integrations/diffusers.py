@@ -331,8 +331,7 @@ def load_lora_weights(
         DiffusersLoraError: the file has tensors for a component that was not given.
         peftkit.AdapterStateError: a tensor's shape does not fit the model.
     """
-    from peftkit.core.state import set_peft_model_state_dict
-    from peftkit.peft_model import get_peft_model
+    from peftkit.peft_model import PeftModel
 
     given = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     adapters = read_lora_weights(path, weight_name)
@@ -344,21 +343,12 @@ def load_lora_weights(
         module = given[component]
         assert module is not None
         config, state = _match_text_model_prefix(module, config, state)
-        config.inference_mode = not is_trainable
-        flags = {p: p.requires_grad for p in module.parameters()}
-        peft_model = get_peft_model(module, config, adapter_name)
         try:
-            set_peft_model_state_dict(peft_model, state, adapter_name)
+            out[component] = PeftModel.from_state(module, config, state, adapter_name, is_trainable)
         except Exception:
-            peft_model.unload()
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
-            for done in out.values():
+            for done in out.values():  # the components wrapped before this one
                 done.unload()
             raise
-        if not is_trainable:
-            peft_model.eval()
-        out[component] = peft_model
     return out
 
 

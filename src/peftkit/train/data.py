@@ -12,19 +12,53 @@ from typing import Any
 
 from peftkit.train.config import ConfigError, DataSection
 
-__all__ = ["TaskData", "batch_order", "prepare_task_data", "read_records"]
+__all__ = ["TaskData", "batch_order", "data_folder", "is_saved_dataset", "load_saved_dataset", "prepare_task_data", "read_class_folders", "read_records"]
+
+_SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk``."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in _SAVED_DATASET_FILES)
+
+
+def data_folder(path: str) -> str:
+    """The folder that relative paths inside a data file (or data folder) are relative to."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def read_class_folders(path: str, extensions: tuple[str, ...], file_column: str, label_column: str) -> list[dict[str, Any]]:
+    """Records ``{file_column: file path, label_column: sub-folder name}`` of a folder with
+    one sub-folder per class (files with one of ``extensions``); empty when ``path`` is not
+    such a folder (or is a saved ``datasets`` folder). Classes are interleaved (the first
+    file of each class, then the second, ...) so that the first n records
+    (``data.max_train_examples``) hold every class."""
+    if not os.path.isdir(path) or is_saved_dataset(path):
+        return []
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    files = {label: [f for f in sorted(os.listdir(os.path.join(path, label))) if f.lower().endswith(extensions)]
+             for label in classes}
+    return [{file_column: os.path.join(path, label, names[i]), label_column: label}
+            for i in range(max((len(v) for v in files.values()), default=0))
+            for label, names in files.items() if i < len(names)]
+
+
+def load_saved_dataset(path: str) -> Any:
+    """A saved ``datasets`` dataset (the first split of a saved ``DatasetDict``)."""
+    try:
+        from datasets import load_from_disk
+    except ImportError as exc:
+        raise ConfigError(f"{path} is a folder; reading a saved dataset needs `pip install datasets`") from exc
+    data = load_from_disk(path)
+    if hasattr(data, "keys") and not hasattr(data, "column_names"):
+        data = data[next(iter(data.keys()))]
+    return data
+
 
 def read_records(path: str) -> list[dict[str, Any]]:
     """All records of a data file as dicts."""
     if os.path.isdir(path):
-        try:
-            from datasets import load_from_disk
-        except ImportError as exc:
-            raise ConfigError(f"{path} is a folder; reading a saved dataset needs `pip install datasets`") from exc
-        data = load_from_disk(path)
-        if hasattr(data, "keys") and not hasattr(data, "column_names"):
-            data = data[next(iter(data.keys()))]
-        return [dict(row) for row in data]
+        return [dict(row) for row in load_saved_dataset(path)]
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
         with open(path, encoding="utf-8") as fh:

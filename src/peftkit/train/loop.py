@@ -25,6 +25,7 @@ from peftkit.train.config import RunConfig, method_config
 from peftkit.train.data import batch_order, prepare_task_data
 from peftkit.train.evaluate import metric_direction
 from peftkit.train.tasks import Prepared
+from peftkit.train.tasks.base import to_device
 
 __all__ = ["run_training"]
 
@@ -217,8 +218,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _int
             for batch_ids in order[micro:usable]:
                 tick = time.perf_counter()
                 shard = batch_ids[rank * len(batch_ids) // world:(rank + 1) * len(batch_ids) // world]
-                batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
-                         for k, v in collate([train_items[i] for i in shard]).items()}
+                batch = to_device(collate([train_items[i] for i in shard]), accelerator.device)
                 boundary = (micro + 1) % t.grad_accum == 0
                 ctx = accelerator.no_sync(model) if not boundary else _null()
                 with ctx, accelerator.autocast():

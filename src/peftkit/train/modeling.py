@@ -72,7 +72,7 @@ def load_model_and_tokenizer(cfg: RunConfig, labels: list[Any] | None) -> tuple[
 def is_factory(name: str) -> bool:
     """``file.py:function`` or ``package.module:function`` (not a Windows drive path)."""
     head, sep, tail = name.rpartition(":")
-    return bool(sep) and bool(head) and tail.isidentifier() and len(head) > 1 and not name.startswith(("timm:", "torchvision:"))
+    return bool(sep) and bool(head) and tail.isidentifier() and len(head) > 1
 
 
 def load_factory(spec: str, base_dir: str = ".") -> Any:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.train.config import ConfigError, DataSection, RunConfig
-from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, infer_labels, logits_of, require_column
+from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, infer_labels, logits_of, require_column, to_device
 
 __all__ = ["AudioClassificationTask", "AudioProcessor", "load_audio", "read_audio_file", "read_audio_folder", "resample"]
 
@@ -186,16 +186,11 @@ def read_audio_folder(path: str, audio_column: str = "audio", label_column: str 
     """Records ``{audio: file path, label: sub-folder name}`` of a folder with one sub-folder
     per class (or ``{audio: file path}`` for a folder of unlabelled files); None when ``path``
     is not laid out that way."""
-    if not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        return None
-    entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
-    records = []
-    for label in (e for e in entries if os.path.isdir(os.path.join(path, e))):
-        folder = os.path.join(path, label)
-        for file in sorted(os.listdir(folder)):
-            if file.lower().endswith(AUDIO_EXTENSIONS):
-                records.append({audio_column: os.path.join(folder, file), label_column: label})
-    if not records:
+    from peftkit.train.data import is_saved_dataset, read_class_folders
+
+    records = read_class_folders(path, AUDIO_EXTENSIONS, audio_column, label_column)
+    if not records and os.path.isdir(path) and not is_saved_dataset(path):
+        entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
         records = [{audio_column: os.path.join(path, e)} for e in entries if e.lower().endswith(AUDIO_EXTENSIONS)]
     return records or None
 
@@ -203,13 +198,9 @@ def read_audio_folder(path: str, audio_column: str = "audio", label_column: str 
 def _read_saved_dataset(path: str, audio_column: str) -> list[dict[str, Any]]:
     """Rows of a saved ``datasets`` dataset; an ``Audio`` column is read undecoded (path and
     bytes), so that peftkit decodes and resamples it."""
-    try:
-        from datasets import load_from_disk
-    except ImportError as exc:
-        raise ConfigError(f"{path} is a saved dataset; reading it needs `pip install datasets`") from exc
-    data = load_from_disk(path)
-    if hasattr(data, "keys") and not hasattr(data, "column_names"):
-        data = data[next(iter(data.keys()))]
+    from peftkit.train.data import load_saved_dataset
+
+    data = load_saved_dataset(path)
     feature = data.features.get(audio_column)
     if type(feature).__name__ == "Audio" and getattr(feature, "decode", False):
         data = data.cast_column(audio_column, type(feature)(decode=False))
@@ -283,10 +274,6 @@ def load_audio_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Aud
     return model, AudioProcessor(extractor, use_mask, cfg.data.max_audio_seconds)
 
 
-def _base_dir(path: str) -> str:
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-
-
 class AudioClassificationTask(Task):
     name = "audio_classification"
     task_type = None  # Hugging Face PEFT's task types are for text models
@@ -302,15 +289,15 @@ class AudioClassificationTask(Task):
         lower = path.lower()
         if os.path.isfile(path) and lower.endswith(AUDIO_EXTENSIONS):
             return [{data.audio_column: path}]
-        base = _base_dir(path)
+        from peftkit.train.data import data_folder, read_records
+
+        base = data_folder(path)
         if lower.endswith(LIST_EXTENSIONS):
             with open(path, encoding="utf-8") as fh:
                 records = [{data.audio_column: line.strip()} for line in fh if line.strip()]
         elif os.path.isdir(path):
             records = _read_saved_dataset(path, data.audio_column)
         else:
-            from peftkit.train.data import read_records
-
             records = read_records(path)
         for r in records:  # relative paths are relative to the data file
             value = r.get(data.audio_column)
@@ -396,7 +383,7 @@ class AudioClassificationTask(Task):
             if missing is not None:
                 raise ConfigError(f"a record has no audio column {column!r} (data.audio_column); its keys are {sorted(missing)}")
             waves = [processor.waveform(r[column]) for r in chunk]
-            batch = {k: v.to(device) for k, v in processor.features(waves).items()}
+            batch = to_device(processor.features(waves), device)
             with torch.no_grad():
                 pred = self.logits(model, batch).argmax(-1).tolist()
             for record, p in zip(chunk, pred, strict=True):

@@ -14,7 +14,7 @@ import torch
 
 from peftkit.train.config import ConfigError, DataSection, RunConfig
 
-__all__ = ["Task", "classification_metrics", "infer_labels", "logits_of", "require_column"]
+__all__ = ["Task", "classification_metrics", "infer_labels", "logits_of", "require_column", "to_device"]
 
 Item = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -61,6 +61,11 @@ def classification_metrics(pred: torch.Tensor, gold: torch.Tensor) -> dict[str, 
         fn = int(((pred != c) & (gold == c)).sum())
         f1s.append(2 * tp / max(1, 2 * tp + fp + fn))
     return {"accuracy": accuracy, "f1": sum(f1s) / max(1, len(f1s))}
+
+
+def to_device(batch: Batch, device: Any) -> Batch:
+    """The batch's tensors moved to ``device`` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -182,7 +187,7 @@ class Task:
     @staticmethod
     def batches(items: list[Item], collate: Callable[[Sequence[Item]], Batch], size: int, device: Any) -> Iterator[Batch]:
         for start in range(0, len(items), size):
-            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(items[start : start + size]).items()}
+            yield to_device(collate(items[start : start + size]), device)
 
     # -- files ------------------------------------------------------------------------------
     def after_save(self, model: Any, directory: str, cfg: RunConfig) -> None:

@@ -25,7 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.train.config import ConfigError, DataSection, RunConfig
-from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, classification_metrics, infer_labels, require_column
+from peftkit.train.tasks.base import (
+    Batch,
+    Item,
+    LabelIds,
+    Task,
+    classification_metrics,
+    infer_labels,
+    require_column,
+    to_device,
+)
 from peftkit.train.tasks.image import ImageClassificationTask, load_image
 
 __all__ = ["ClipCollator", "ClipProcessor", "ClipTask", "contrastive_loss", "load_clip_model"]
@@ -258,7 +267,7 @@ class ClipTask(Task):
         images, captions, golds = [], [], []
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([items[i] for i in chunk]).items()}
+            batch = to_device(collate([items[i] for i in chunk]), device)
             out = _forward(model, batch)
             loss_sum += contrastive_loss(out.logits_per_image, batch["caption_ids"]).double() * len(chunk)
             count += len(chunk)

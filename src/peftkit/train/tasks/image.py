@@ -25,18 +25,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def read_image_folder(path: str, image_column: str = "image", label_column: str = "label") -> list[dict[str, Any]] | None:
     """Records ``{image: file path, label: sub-folder name}`` of a folder with one sub-folder
-    per class; None when ``path`` is not laid out that way."""
-    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
-        return None
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
-    files = {label: [f for f in sorted(os.listdir(os.path.join(path, label))) if f.lower().endswith(IMAGE_EXTENSIONS)]
-             for label in classes}
-    # classes interleaved (first file of each class, then the second, ...), so that the first
-    # n records (data.max_train_examples) hold every class
-    records = [{image_column: os.path.join(path, label, names[i]), label_column: label}
-               for i in range(max((len(v) for v in files.values()), default=0))
-               for label, names in files.items() if i < len(names)]
-    return records or None
+    per class (classes interleaved); None when ``path`` is not laid out that way."""
+    from peftkit.train.data import read_class_folders
+
+    return read_class_folders(path, IMAGE_EXTENSIONS, image_column, label_column) or None
 
 
 def _pil() -> Any:
@@ -108,17 +100,13 @@ def load_image(value: Any, base_dir: str) -> Any:
     raise ConfigError(f"cannot read an image from a value of type {type(value).__name__}; give a file path or an image")
 
 
-def _base_dir(path: str) -> str:
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-
-
 def read_image_table(path: str, image_column: str) -> list[dict[str, Any]]:
     """The records of a table (or saved dataset) whose relative image paths are made
     relative to the table's folder."""
-    from peftkit.train.data import read_records
+    from peftkit.train.data import data_folder, read_records
 
     records = read_records(path)
-    base = _base_dir(path)
+    base = data_folder(path)
     for r in records:
         value = r.get(image_column)
         if isinstance(value, str) and not os.path.isabs(value):
