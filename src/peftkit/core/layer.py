@@ -8,14 +8,14 @@ through these containers, never by matching parameter names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BASE_ADAPTER", "AdapterLayer", "adapter_layers", "per_example_adapters"]
+__all__ = ["BASE_ADAPTER", "AdapterLayer", "adapter_layers", "contiguous_rows", "per_example_adapters", "walk_modules"]
 
 BASE_ADAPTER = "__base__"
 # Where an in-place adapter (see core/inplace.py) is attached to a model: a plain attribute.
@@ -192,15 +192,38 @@ class AdapterLayer(nn.Module):
         return out
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+def contiguous_rows(idx: torch.Tensor) -> slice | None:
+    """``idx`` (ascending example indices, as `example_groups` gives them) as a slice when
+    they are consecutive, so that the rows are a view rather than a gathered copy."""
+    first, last = int(idx[0]), int(idx[-1])
+    return slice(first, last + 1) if last - first + 1 == idx.numel() else None
+
+
+def adapter_layers(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None) -> Iterator[tuple[str, AdapterLayer]]:
     """``(module name, layer)`` for every adapter layer of ``model``; an attached in-place
-    adapter (which is not a submodule) comes first, with the name ``""``."""
+    adapter (which is not a submodule) comes first, with the name ``""``. ``modules``: the
+    result of ``walk_modules(model)`` where the caller has it already."""
     attached = model.__dict__.get(IN_PLACE_ATTRIBUTE)
     if isinstance(attached, AdapterLayer):
         yield "", attached
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model) if modules is None else modules:
         if isinstance(module, AdapterLayer):
             yield name, module
+
+
+def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` in the same order, without its nested generators: their cost
+    grows with depth, and models with several adapters have thousands of modules."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        prefix = name + "." if name else ""
+        stack.extend((prefix + key, child) for key, child in reversed(module._modules.items()) if child is not None)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from torch import nn
 
 from peftkit.config import PeftConfig
 from peftkit.core.inplace import InPlaceAdapter, attached_in_place
-from peftkit.core.layer import BASE_ADAPTER, AdapterLayer, adapter_layers
+from peftkit.core.layer import BASE_ADAPTER, AdapterLayer, adapter_layers, walk_modules
 from peftkit.core.modules_to_save import ModulesToSaveWrapper
 from peftkit.core.registry import Method, method_for_config
 from peftkit.core.targeting import find_modules_to_save, find_targets
@@ -245,31 +245,39 @@ def set_active_adapters(model: nn.Module, names: str | Sequence[str], also_known
     """Activates ``names`` in every adapter layer. ``also_known``: adapter names that are
     valid though no layer carries them (model-level adapters)."""
     names = [names] if isinstance(names, str) else list(names)
-    known = {n for _, layer in adapter_layers(model) for n in layer.adapter_names} | set(also_known)
+    layers = [layer for _, layer in adapter_layers(model)]  # one walk of the module tree
+    known = {n for layer in layers for n in layer.adapter_names} | set(also_known)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; loaded adapters: {sorted(known)}")
-    for _, layer in adapter_layers(model):
-        if layer.merged_adapters and set(layer.merged_adapters) != set(names):
-            raise RuntimeError("adapters are merged; unmerge_adapter() before switching adapters")
+    if any(layer.merged_adapters and set(layer.merged_adapters) != set(names) for layer in layers):
+        raise RuntimeError("adapters are merged; unmerge_adapter() before switching adapters")
+    for layer in layers:
         layer.set_active(names)
 
 
 def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], active: Sequence[str]) -> None:
     """Freezes everything, then unfreezes the active adapters (unless in inference mode)
     and the base parameters they train."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in active:
-        if configs[name].inference_mode:
-            continue
-        for _, layer in adapter_layers(model):
+    modules = list(walk_modules(model))
+    for _, module in modules:
+        for p in module._parameters.values():
+            if p is not None:
+                p.requires_grad_(False)
+    training = [name for name in active if not configs[name].inference_mode]
+    if not training:
+        return
+    layers = [layer for _, layer in adapter_layers(model, modules)]
+    for name in training:
+        for layer in layers:
             for p in layer.adapter_parameters(name):
                 p.requires_grad_(True)
-        params = dict(model.named_parameters())
-        for pname in adapter_base_parameter_names(model, name):
-            if pname in params:
-                params[pname].requires_grad_(True)
+        base_params = adapter_base_parameter_names(model, name)
+        if base_params:
+            params = dict(model.named_parameters())
+            for pname in base_params:
+                if pname in params:
+                    params[pname].requires_grad_(True)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str, missing_ok: bool = False) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import AdapterLayer, contiguous_rows
 from peftkit.integrations.bitsandbytes import (
     dequantize,
     keep_cpu_layout_usable,
@@ -24,6 +24,7 @@ from peftkit.integrations.bitsandbytes import (
 from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.lora import functional as LF
 from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.fused import lora_linear
 
 __all__ = [
     "LoraConv",
@@ -39,6 +40,19 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Base layers whose forward returns a new tensor that their backward does not keep.
 _OWNED_OUTPUT_TYPES = (nn.Linear, nn.Embedding, *_CONV_TYPES)
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding"
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -214,7 +228,12 @@ class LoraLayer(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.example_adapters is not None:
             # Each group's rows get result + addend, as in a batch of that adapter alone.
+            in_place = self.owns_output(result)
             for name, idx in self.example_groups(x.shape[0]) or []:
+                rows = contiguous_rows(idx) if in_place and name not in self.lora_magnitude_vector else None
+                if rows is not None:
+                    self.add_into(name, x[rows], result[rows])
+                    continue
                 idx = idx.to(x.device)
                 result = result.index_add(0, idx, self.addend(name, x[idx], result[idx]))
             return result
@@ -224,6 +243,10 @@ class LoraLayer(AdapterLayer):
             else:
                 result = result.add_(self.addend(name, x, result))
         return result
+
+    def add_into(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += addend`` in place (``out`` being a base output this layer owns)."""
+        out.add_(self.addend(name, x, out))
 
     def owns_output(self, result: torch.Tensor) -> bool:
         """Whether the base layer's output may be updated in place (same values as
@@ -251,6 +274,45 @@ class LoraLinear(LoraLayer):
         else:
             w = base_layer.weight
             self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self.fused_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return lora_linear(x, self.lora_dropout[name](x), base.weight, base.bias, a, b, self.scaling[name])
+
+    def add_into(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        a, b = self.factors(name)
+        if self.fan_in_fan_out or self.quantized or not out.is_contiguous() or not (x.dtype == a.dtype == out.dtype):
+            return super().add_into(name, x, out)
+        x2 = self.lora_dropout[name](x).reshape(-1, x.shape[-1])
+        out.view(-1, out.shape[-1]).addmm_(torch.mm(x2, a.t()), b.t(), alpha=self.scaling[name])
+
+    def fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The adapter to run as one fused operation (`fused.lora_linear`), or None where the
+        general path is needed: several or per-example adapters, DoRA, a base other than a
+        plain frozen ``nn.Linear``, hooks that expect the modules to be called, mixed dtypes
+        or autocast."""
+        if self.example_adapters is not None or args or kwargs:
+            return None
+        names = self.adapters_to_run()
+        if len(names) != 1:
+            return None
+        name = names[0]
+        base = self.base_layer
+        if type(base) is not nn.Linear or name in self.lora_magnitude_vector:
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if not (x.dtype == weight.dtype == a.weight.dtype == b.weight.dtype) or _autocast_on(x.device.type):
+            return None
+        if _hooked(base, a, b, dropout):
+            return None
+        return name
 
     def weight_view(self) -> torch.Tensor:
         if self.quantized:

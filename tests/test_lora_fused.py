@@ -1,0 +1,130 @@
+"""The fused LoRA linear (``methods/lora/fused.py``): same outputs and gradients as the
+layer written as separate operations, and taken only where it applies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapter_checks import perturb
+from models import build, inputs_for
+from peftkit import LoraConfig, get_peft_model
+from peftkit.core.layer import adapter_layers
+from peftkit.methods.lora.fused import lora_linear
+from peftkit.methods.lora.layer import LoraLinear
+
+
+def _reference(x, xd, weight, bias, a, b, s):
+    return F.linear(x, weight, bias) + F.linear(F.linear(xd, a), b) * s
+
+
+@pytest.mark.parametrize("scaling", [2.0, 0.37])
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_fused_matches_separate_operations(scaling: float, dropout: bool, x_grad: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g).requires_grad_(x_grad)
+    weight, bias = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    a = torch.randn(4, 16, generator=g).requires_grad_()
+    b = torch.randn(24, 4, generator=g).requires_grad_()
+    mask = (torch.rand(3, 5, 16, generator=g) > 0.25).float() / 0.75
+    grad_out = torch.randn(3, 5, 24, generator=g)
+    wanted = [t for t in (x, a, b) if t.requires_grad]
+    outs, grads = [], []
+    for fn in (lora_linear, _reference):
+        xd = x * mask if dropout else x
+        y = fn(x, xd, weight, bias, a, b, scaling)
+        outs.append(y)
+        grads.append(torch.autograd.grad(y, wanted, grad_out))
+    if scaling == 2.0:  # a power of two scales exactly: no rounding may differ
+        assert torch.equal(outs[0], outs[1])
+        assert all(torch.equal(p, q) for p, q in zip(*grads, strict=True))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for p, q in zip(*grads, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+    assert outs[0].shape == (3, 5, 24)
+
+
+def test_fused_without_gradients_matches() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, weight, a, b = torch.randn(7, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(lora_linear(x, x, weight, None, a, b, 0.5), _reference(x, x, weight, None, a, b, 0.5))
+
+
+def _tiny_lora(**kw) -> nn.Module:
+    model = get_peft_model(build("bert"), LoraConfig(r=4, target_modules=["query", "value"], **kw))
+    perturb(model)  # B ≠ 0, so the adapter changes outputs
+    return model
+
+
+def _first_lora(model: nn.Module) -> LoraLinear:
+    return next(layer for _, layer in adapter_layers(model) if isinstance(layer, LoraLinear))
+
+
+def _train_losses(model: nn.Module, steps: int = 4) -> list[float]:
+    torch.manual_seed(0)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    inputs = inputs_for("bert")
+    losses = []
+    model.train()
+    for _ in range(steps):
+        out = model(**inputs)
+        loss = out.logits.float().pow(2).mean() if "loss" not in out or out.loss is None else out.loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_is_the_same_on_either_path(dropout: float, monkeypatch) -> None:
+    fused = _tiny_lora(lora_dropout=dropout)
+    general = copy.deepcopy(fused)
+    assert _first_lora(fused).fused_adapter(torch.zeros(1, 32), (), {}) == "default"
+    fused_losses = _train_losses(fused)
+    monkeypatch.setattr(LoraLinear, "fused_adapter", lambda self, x, args, kwargs: None)
+    general_losses = _train_losses(general)
+    assert fused_losses == general_losses  # scaling α/r = 2: exact
+    for (n, p), (_, q) in zip(fused.named_parameters(), general.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_general_path_where_fusing_does_not_apply() -> None:
+    model = _tiny_lora()
+    layer = _first_lora(model)
+    x = torch.zeros(2, 32)
+    assert layer.fused_adapter(x, (), {}) == "default"
+    assert layer.fused_adapter(x.bfloat16(), (), {}) is None  # dtypes differ
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.fused_adapter(x, (), {}) is None
+    layer.base_layer.weight.requires_grad_(True)  # the base trains too: its gradient is needed
+    assert layer.fused_adapter(x, (), {}) is None
+    layer.base_layer.weight.requires_grad_(False)
+    with model.disable_adapter():
+        assert layer.fused_adapter(x, (), {}) is None
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["query", "value"]))
+    model.set_adapter(["default", "second"])
+    assert layer.fused_adapter(x, (), {}) is None
+
+
+def test_hooks_on_the_base_layer_still_run() -> None:
+    model = _tiny_lora()
+    layer = _first_lora(model)
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    assert layer.fused_adapter(torch.zeros(1, 32), (), {}) is None
+    expected = model(**inputs_for("bert")).logits
+    assert seen, "a forward hook on the wrapped layer must be called"
+    handle.remove()
+    torch.testing.assert_close(model(**inputs_for("bert")).logits, expected)
+
+
+def test_dora_takes_the_general_path() -> None:
+    model = _tiny_lora(use_dora=True)
+    assert _first_lora(model).fused_adapter(torch.zeros(1, 32), (), {}) is None
