@@ -194,26 +194,29 @@ def sst2_rows(n: int) -> list[dict]:
 
 def configs(method: str, model: str) -> tuple[Any, Any]:
     """The same adapter config in each library: ``(peftkit config, peft config)``."""
-    import peft
+    return config("peftkit", method, model), config("peft", method, model)
 
-    import peftkit
 
+def config(lib_name: str, method: str, model: str) -> Any:
+    """The adapter config of ``method`` for ``model`` in library ``lib_name``; only that
+    library is imported (a memory run of one library must not hold the other's modules)."""
+    import importlib
+
+    mod = importlib.import_module(lib_name)
     task = "SEQ_CLS" if model == "minilm" else "CAUSAL_LM"
     if method == "lora":
         # every linear layer but the output head, named (the same layers as "all-linear")
         llama = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         targets = ["query", "key", "value", "attention.output.dense"] if model == "minilm" else llama
-        kw: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": targets, "task_type": task}
-        return peftkit.LoraConfig(**kw), peft.LoraConfig(**kw)
+        return mod.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task)
     if method == "ia3":
         if model == "minilm":
-            kw = {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]}
+            kw: dict[str, Any] = {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]}
         else:
             kw = {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
-        return peftkit.IA3Config(**kw, task_type=task), peft.IA3Config(**kw, task_type=task)
+        return mod.IA3Config(**kw, task_type=task)
     if method == "prompt":
-        kw = {"num_virtual_tokens": 20, "task_type": task}
-        return peftkit.PromptTuningConfig(**kw), peft.PromptTuningConfig(**kw)
+        return mod.PromptTuningConfig(num_virtual_tokens=20, task_type=task)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -234,8 +237,7 @@ class Lib:
         self.PeftModel = mod.PeftModel
 
     def wrap(self, model, method: str, model_name: str, adapter_name: str = "default"):
-        ours, theirs = configs(method, model_name)
-        return self.get_peft_model(model, ours if self.name == "peftkit" else theirs, adapter_name=adapter_name)
+        return self.get_peft_model(model, config(self.name, method, model_name), adapter_name=adapter_name)
 
 
 def identical_adapter_state(state: dict, seed: int, randomise_constants: bool = False) -> dict:

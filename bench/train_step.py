@@ -219,7 +219,8 @@ def main() -> None:
     C.print_table(["", "step ms", "peak MiB", "GFLOP/s", "of mm peak", "trainable"], rows)
     n = len(t["losses"]["peftkit"])
     print(f"max |loss difference| over {n} steps: {drift:.2e} ({'within' if result['losses_agree'] else 'OVER'} {args.loss_tol:g})")
-    suffix = ("" if args.model == "minilm" else f"_{args.model}") + ("" if args.method == "lora" else f"_{args.method}")
+    suffix = (("" if args.model == "minilm" else f"_{args.model}") + ("" if args.method == "lora" else f"_{args.method}")
+              + ("_fixed_mmap" if args.fixed_mmap else ""))
     C.write_json(args.out or os.path.join(C.BENCH, f"train_step{suffix}.json"), result)
     if not result["losses_agree"]:
         sys.exit(1)

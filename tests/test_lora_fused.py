@@ -56,8 +56,11 @@ def test_fused_without_gradients_matches() -> None:
         torch.testing.assert_close(lora_linear(x, x, weight, None, a, b, 0.5), _reference(x, x, weight, None, a, b, 0.5))
 
 
-def _tiny_lora(**kw) -> nn.Module:
-    model = get_peft_model(build("bert"), LoraConfig(r=4, target_modules=["query", "value"], **kw))
+TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def _tiny_lora(kind: str = "bert", **kw) -> nn.Module:
+    model = get_peft_model(build(kind), LoraConfig(r=4, target_modules=TARGETS[kind], **kw))
     perturb(model)  # B ≠ 0, so the adapter changes outputs
     return model
 
@@ -66,10 +69,10 @@ def _first_lora(model: nn.Module) -> LoraLinear:
     return next(layer for _, layer in adapter_layers(model) if isinstance(layer, LoraLinear))
 
 
-def _train_losses(model: nn.Module, steps: int = 4) -> list[float]:
+def _train_losses(model: nn.Module, kind: str, steps: int = 4) -> list[float]:
     torch.manual_seed(0)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    inputs = inputs_for("bert")
+    inputs = inputs_for(kind)
     losses = []
     model.train()
     for _ in range(steps):
@@ -82,14 +85,15 @@ def _train_losses(model: nn.Module, steps: int = 4) -> list[float]:
     return losses
 
 
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])  # nn.Linear; GPT-2's Conv1D (weight in × out)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_training_is_the_same_on_either_path(dropout: float, monkeypatch) -> None:
-    fused = _tiny_lora(lora_dropout=dropout)
+def test_training_is_the_same_on_either_path(kind: str, dropout: float, monkeypatch) -> None:
+    fused = _tiny_lora(kind, lora_dropout=dropout)
     general = copy.deepcopy(fused)
     assert _first_lora(fused).fused_adapter(torch.zeros(1, 32), (), {}) == "default"
-    fused_losses = _train_losses(fused)
+    fused_losses = _train_losses(fused, kind)
     monkeypatch.setattr(LoraLinear, "fused_adapter", lambda self, x, args, kwargs: None)
-    general_losses = _train_losses(general)
+    general_losses = _train_losses(general, kind)
     assert fused_losses == general_losses  # scaling α/r = 2: exact
     for (n, p), (_, q) in zip(fused.named_parameters(), general.named_parameters(), strict=True):
         assert torch.equal(p, q), n

@@ -281,11 +281,13 @@ class LoraLinear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        return lora_linear(x, self.lora_dropout[name](x), base.weight, base.bias, a, b, self.scaling[name])
+        # Conv1D's (in, out) weight, transposed, is the (out, in) weight of the same product.
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        return lora_linear(x, self.lora_dropout[name](x), weight, base.bias, a, b, self.scaling[name])
 
     def add_into(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         a, b = self.factors(name)
-        if self.fan_in_fan_out or self.quantized or not out.is_contiguous() or not (x.dtype == a.dtype == out.dtype):
+        if self.quantized or not out.is_contiguous() or not (x.dtype == a.dtype == out.dtype):
             return super().add_into(name, x, out)
         x2 = self.lora_dropout[name](x).reshape(-1, x.shape[-1])
         out.view(-1, out.shape[-1]).addmm_(torch.mm(x2, a.t()), b.t(), alpha=self.scaling[name])
@@ -293,7 +295,7 @@ class LoraLinear(LoraLayer):
     def fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The adapter to run as one fused operation (`fused.lora_linear`), or None where the
         general path is needed: several or per-example adapters, DoRA, a base other than a
-        plain frozen ``nn.Linear``, hooks that expect the modules to be called, mixed dtypes
+        plain frozen ``nn.Linear`` or transformers ``Conv1D``, hooks that expect the modules to be called, mixed dtypes
         or autocast."""
         if self.example_adapters is not None or args or kwargs:
             return None
@@ -302,7 +304,8 @@ class LoraLinear(LoraLayer):
             return None
         name = names[0]
         base = self.base_layer
-        if type(base) is not nn.Linear or name in self.lora_magnitude_vector:
+        plain = type(base) is nn.Linear or (self.fan_in_fan_out and type(base).__module__.startswith("transformers."))
+        if not plain or name in self.lora_magnitude_vector:
             return None
         weight, bias = base.weight, base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad):
