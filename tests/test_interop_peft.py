@@ -47,6 +47,12 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def _assert_same_outputs(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Equal to the last bit, but for the rounding of a fused LoRA layer whose scaling α/r is
+    not a power of two (``methods/lora/fused.py``): then within float32 rounding."""
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
 def _peft_model(kind: str, kwargs: dict[str, Any]):
     return _quiet(peft.get_peft_model, build(kind), peft.LoraConfig(**kwargs))
 
@@ -60,7 +66,7 @@ def test_peftkit_file_loads_in_peft(case: str, tmp_path) -> None:
     expected = output_of(model, inputs)
     model.save_pretrained(tmp_path)
     theirs = _quiet(peft.PeftModel.from_pretrained, build(kind), tmp_path)
-    assert torch.equal(output_of(theirs, inputs), expected)
+    _assert_same_outputs(output_of(theirs, inputs), expected)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -74,7 +80,7 @@ def test_peft_file_loads_in_peftkit(case: str, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours = PeftModel.from_pretrained(build(kind), tmp_path)
-    assert torch.equal(output_of(ours, inputs), expected)
+    _assert_same_outputs(output_of(ours, inputs), expected)
     # saved again, it is the same file: same tensors under the same keys (PEFT also stores
     # the embedding matrix beside an embedding LoRA; that base tensor is not the adapter's)
     ours.save_pretrained(tmp_path / "again")

@@ -132,3 +132,48 @@ def test_hooks_on_the_base_layer_still_run() -> None:
 def test_dora_takes_the_general_path() -> None:
     model = _tiny_lora(use_dora=True)
     assert _first_lora(model).fused_adapter(torch.zeros(1, 32), (), {}) is None
+
+
+def _two_adapter_llama(second_rank: int) -> nn.Module:
+    targets = ["q_proj", "v_proj", "down_proj"]
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=targets))
+    model.add_adapter("other", LoraConfig(r=second_rank, lora_alpha=3, target_modules=targets))
+    for name, seed in (("default", 1), ("other", 2)):
+        model.set_adapter(name)
+        perturb(model, seed=seed, scale=1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("second_rank", [4, 2])  # equal ranks: batched products; else per group
+def test_mixed_batch_matches_single_adapter_passes(second_rank: int, monkeypatch) -> None:
+    model = _two_adapter_llama(second_rank)
+    calls: list[bool] = []
+    original = LoraLinear.add_per_example
+
+    def spy(self, x, result):
+        calls.append(original(self, x, result))
+        return calls[-1]
+
+    monkeypatch.setattr(LoraLinear, "add_per_example", spy)
+    inputs = inputs_for("llama", batch=4)
+    names = ["other", "default", "default", "other"]  # every example has an adapter
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=names).logits
+        alone = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            alone[name] = model(**inputs).logits
+    assert calls and all(calls) == (second_rank == 4)
+    assert not torch.allclose(alone["default"], alone["other"])
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], alone[name][i], atol=1e-5, rtol=1e-5)
+    assert all(not layer.example_cache for _, layer in adapter_layers(model))  # released after the call
+
+    ids = inputs["input_ids"]
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    generated = model.generate(input_ids=ids, adapter_names=names, **kwargs)
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        single = model.generate(input_ids=ids, **kwargs)
+        for i in (i for i, n in enumerate(names) if n == name):
+            assert torch.equal(generated[i], single[i]), (i, name)

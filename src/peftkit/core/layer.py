@@ -39,6 +39,8 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         # Set for one forward call by `per_example_adapters`: an adapter name per example.
         self.example_adapters: Sequence[str] | None = None
+        # What a layer derives from ``example_adapters`` once per block; emptied at its end.
+        self.example_cache: dict[str, Any] = {}
 
     # Model code reads these of the modules it calls (T5 checks `self.wo.weight.dtype`).
     @property
@@ -243,3 +245,4 @@ def per_example_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[Non
     finally:
         for layer in layers:
             layer.example_adapters = None
+            layer.example_cache.clear()
