@@ -22,7 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.train.config import ConfigError, DataSection, RunConfig
-from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, infer_labels, logits_of, require_column, to_device
+from peftkit.train.tasks.base import (
+    Batch,
+    Item,
+    Task,
+    add_class_labels,
+    class_encoder,
+    infer_labels,
+    logits_of,
+    require_column,
+    to_device,
+)
 
 __all__ = ["AudioClassificationTask", "AudioProcessor", "load_audio", "read_audio_file", "read_audio_folder", "resample"]
 
@@ -327,25 +337,18 @@ class AudioClassificationTask(Task):
         return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)]
 
     def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> Callable[[dict[str, Any]], Item]:
-        label_id = LabelIds(labels)
-        column, label_column = cfg.data.audio_column, cfg.data.label_column
+        column = cfg.data.audio_column
 
-        def encode(record: dict[str, Any]) -> Item:
+        def waveform(record: dict[str, Any]) -> torch.Tensor:
             if column not in record:
                 raise ConfigError(f"a record has no audio column {column!r} (data.audio_column); its keys are {sorted(record)}")
-            item: Item = {"audio": processor.waveform(record[column])}
-            if label_column in record:
-                item["labels"] = label_id(record[label_column])
-            return item
+            return processor.waveform(record[column])
 
-        return encode
+        return class_encoder("audio", waveform, cfg.data.label_column, labels)
 
     def collator(self, cfg: RunConfig, processor: Any) -> Callable[[Sequence[Item]], Batch]:
         def collate(items: Sequence[Item]) -> Batch:
-            batch = processor.features([i["audio"] for i in items])
-            if "labels" in items[0]:
-                batch["labels"] = torch.tensor([i["labels"] for i in items], dtype=torch.long)
-            return batch
+            return add_class_labels(processor.features([i["audio"] for i in items]), items)
 
         return collate
 

@@ -14,7 +14,7 @@ import torch
 
 from peftkit.train.config import ConfigError, DataSection, RunConfig
 
-__all__ = ["Task", "classification_metrics", "infer_labels", "logits_of", "require_column", "to_device"]
+__all__ = ["Task", "add_class_labels", "class_encoder", "classification_metrics", "infer_labels", "logits_of", "require_column", "to_device"]
 
 Item = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -49,6 +49,28 @@ class LabelIds:
         if key not in self.ids:
             raise ConfigError(f"label {value!r} was not seen in the training data; known labels: {list(self.ids)}")
         return self.ids[key]
+
+
+def class_encoder(key: str, read: Callable[[dict[str, Any]], Any], label_column: str,
+                  labels: list[Any] | None) -> Callable[[dict[str, Any]], Item]:
+    """An encoder for one input per example and a class label: ``{key: read(record)}``, plus
+    the record's class id under ``"labels"`` where the record has one."""
+    label_id = LabelIds(labels)
+
+    def encode(record: dict[str, Any]) -> Item:
+        item: Item = {key: read(record)}
+        if label_column in record:
+            item["labels"] = label_id(record[label_column])
+        return item
+
+    return encode
+
+
+def add_class_labels(batch: Batch, items: Sequence[Item]) -> Batch:
+    """``batch`` with the items' class ids under ``"labels"``, where the items have them."""
+    if "labels" in items[0]:
+        batch["labels"] = torch.tensor([i["labels"] for i in items], dtype=torch.long)
+    return batch
 
 
 def classification_metrics(pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:

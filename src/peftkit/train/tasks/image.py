@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.train.config import ConfigError, DataSection, RunConfig
-from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, infer_labels, logits_of, require_column
+from peftkit.train.tasks.base import (
+    Batch,
+    Item,
+    Task,
+    add_class_labels,
+    class_encoder,
+    infer_labels,
+    logits_of,
+    require_column,
+)
 
 __all__ = ["ImageClassificationTask", "ImagePreprocessor", "read_image_folder", "read_image_table"]
 
@@ -148,23 +157,12 @@ class ImageClassificationTask(Task):
         return list(getattr(processor, "fresh_modules", []))
 
     def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> Callable[[dict[str, Any]], Item]:
-        label_id = LabelIds(labels)
-        column, label_column = cfg.data.image_column, cfg.data.label_column
-
-        def encode(record: dict[str, Any]) -> Item:
-            item: Item = {"pixel_values": processor(load_image(record[column], ""))}
-            if label_column in record:
-                item["labels"] = label_id(record[label_column])
-            return item
-
-        return encode
+        column = cfg.data.image_column
+        return class_encoder("pixel_values", lambda record: processor(load_image(record[column], "")), cfg.data.label_column, labels)
 
     def collator(self, cfg: RunConfig, processor: Any) -> Callable[[Sequence[Item]], Batch]:
         def collate(items: Sequence[Item]) -> Batch:
-            batch = {"pixel_values": torch.stack([i["pixel_values"] for i in items])}
-            if "labels" in items[0]:
-                batch["labels"] = torch.tensor([i["labels"] for i in items], dtype=torch.long)
-            return batch
+            return add_class_labels({"pixel_values": torch.stack([i["pixel_values"] for i in items])}, items)
 
         return collate
 
