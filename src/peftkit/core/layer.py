@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BASE_ADAPTER", "AdapterLayer", "adapter_layers", "contiguous_rows", "per_example_adapters", "walk_modules"]
+__all__ = ["BASE_ADAPTER", "AdapterLayer", "adapter_layers", "contiguous_rows", "per_example_adapters"]
 
 BASE_ADAPTER = "__base__"
 # Where an in-place adapter (see core/inplace.py) is attached to a model: a plain attribute.
@@ -204,28 +204,13 @@ def contiguous_rows(idx: torch.Tensor) -> slice | None:
 def adapter_layers(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None) -> Iterator[tuple[str, AdapterLayer]]:
     """``(module name, layer)`` for every adapter layer of ``model``; an attached in-place
     adapter (which is not a submodule) comes first, with the name ``""``. ``modules``: the
-    result of ``walk_modules(model)`` where the caller has it already."""
+    result of ``model.named_modules()`` where the caller has it already."""
     attached = model.__dict__.get(IN_PLACE_ATTRIBUTE)
     if isinstance(attached, AdapterLayer):
         yield "", attached
-    for name, module in walk_modules(model) if modules is None else modules:
+    for name, module in model.named_modules() if modules is None else modules:
         if isinstance(module, AdapterLayer):
             yield name, module
-
-
-def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``model.named_modules()`` in the same order, without its nested generators: their cost
-    grows with depth, and models with several adapters have thousands of modules."""
-    seen: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module
-        prefix = name + "." if name else ""
-        stack.extend((prefix + key, child) for key, child in reversed(module._modules.items()) if child is not None)
 
 
 @contextmanager

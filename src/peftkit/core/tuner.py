@@ -14,7 +14,7 @@ from torch import nn
 
 from peftkit.config import PeftConfig
 from peftkit.core.inplace import InPlaceAdapter, attached_in_place
-from peftkit.core.layer import BASE_ADAPTER, AdapterLayer, adapter_layers, walk_modules
+from peftkit.core.layer import BASE_ADAPTER, AdapterLayer, adapter_layers
 from peftkit.core.modules_to_save import ModulesToSaveWrapper
 from peftkit.core.registry import Method, method_for_config
 from peftkit.core.targeting import find_modules_to_save, find_targets
@@ -259,7 +259,7 @@ def set_active_adapters(model: nn.Module, names: str | Sequence[str], also_known
 def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], active: Sequence[str]) -> None:
     """Freezes everything, then unfreezes the active adapters (unless in inference mode)
     and the base parameters they train."""
-    modules = list(walk_modules(model))
+    modules = list(model.named_modules())
     for _, module in modules:
         for p in module._parameters.values():
             if p is not None:

@@ -18,15 +18,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear"]
+__all__ = ["add_lora_", "lora_linear"]
+
+
+def add_lora_(out: torch.Tensor, xd: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``out += scaling · (xd·Aᵀ)·Bᵀ`` in place, for 2-D ``out`` (n × out) and ``xd`` (n × in);
+    returns ``u = xd·Aᵀ``."""
+    u = torch.mm(xd, a.t())
+    out.addmm_(u, b.t(), alpha=scaling)
+    return u
 
 
 def _forward(x2: torch.Tensor, xd2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              a: torch.Tensor, b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     out = F.linear(x2, weight, bias)
-    u = torch.mm(xd2, a.t())
-    out.addmm_(u, b.t(), alpha=scaling)
-    return out, u
+    return out, add_lora_(out, xd2, a, b, scaling)
 
 
 class _LoraLinear(torch.autograd.Function):

@@ -25,7 +25,7 @@ from peftkit.integrations.bitsandbytes import (
 from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.lora import functional as LF
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.fused import lora_linear
+from peftkit.methods.lora.fused import add_lora_, lora_linear
 
 __all__ = [
     "LoraConv",
@@ -335,8 +335,7 @@ class LoraLinear(LoraLayer):
         a, b = self.factors(name)
         if self.quantized or not out.is_contiguous() or not (x.dtype == a.dtype == out.dtype):
             return super().add_into(name, x, out)
-        x2 = self.lora_dropout[name](x).reshape(-1, x.shape[-1])
-        out.view(-1, out.shape[-1]).addmm_(torch.mm(x2, a.t()), b.t(), alpha=self.scaling[name])
+        add_lora_(out.view(-1, out.shape[-1]), self.lora_dropout[name](x).reshape(-1, x.shape[-1]), a, b, self.scaling[name])
 
     def fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The adapter to run as one fused operation (`fused.lora_linear`), or None where the
