@@ -10,7 +10,6 @@ with one adapter for all four requests. All calls alternate in one process, the 
 reversed every round, after a warm-up round. Writes ``bench/batching_ceiling.json``.
 """
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -30,14 +29,7 @@ def main() -> None:
     torch.set_num_threads(1)
     _, req = _inputs("llama120m")
     base = C.build_model("llama120m", seed=0).eval()
-    lib = C.Lib("peftkit")
-    m = lib.wrap(copy.deepcopy(base), "lora", "llama120m", adapter_name="a0")
-    cfg = C.config("peftkit", "lora", "llama120m")
-    for a in ADAPTERS[1:]:
-        m.add_adapter(a, cfg)
-    for i, a in enumerate(ADAPTERS):
-        C.set_identical_adapter(lib, m, adapter_name=a, seed=1 + 10 * i, randomise_constants=True)
-    m.eval()
+    m = C.with_adapters(C.Lib("peftkit"), base, "llama120m", ADAPTERS)
     m.set_adapter("a0")
     ones = [{k: v[i:i+1] for k, v in req.items()} for i in range(4)]
     gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)

@@ -192,14 +192,9 @@ def sst2_rows(n: int) -> list[dict]:
         return [json.loads(next(fh)) for _ in range(n)]
 
 
-def configs(method: str, model: str) -> tuple[Any, Any]:
-    """The same adapter config in each library: ``(peftkit config, peft config)``."""
-    return config("peftkit", method, model), config("peft", method, model)
-
-
 def config(lib_name: str, method: str, model: str) -> Any:
-    """The adapter config of ``method`` for ``model`` in library ``lib_name``; only that
-    library is imported (a memory run of one library must not hold the other's modules)."""
+    """The adapter config of ``method`` for ``model`` in library ``lib_name`` (the same
+    settings in both libraries); only that library is imported (a memory run of one library must not hold the other's modules)."""
     import importlib
 
     mod = importlib.import_module(lib_name)
@@ -218,6 +213,20 @@ def config(lib_name: str, method: str, model: str) -> Any:
     if method == "prompt":
         return mod.PromptTuningConfig(num_virtual_tokens=20, task_type=task)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def with_adapters(lib: Lib, base: Any, model_name: str, adapters: Sequence[str] = ("default",)) -> Any:
+    """A copy of ``base`` with LoRA adapters ``adapters`` (the config of ``config``), each with
+    random tensors from its own seed (the same in both libraries), in eval mode; the first
+    adapter is active."""
+    import copy
+
+    model = lib.wrap(copy.deepcopy(base), "lora", model_name, adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.add_adapter(name, config(lib.name, "lora", model_name))
+    for i, name in enumerate(adapters):
+        set_identical_adapter(lib, model, adapter_name=name, seed=1 + 10 * i, randomise_constants=True)
+    return model.eval()
 
 
 class Lib:

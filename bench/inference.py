@@ -23,7 +23,6 @@ single passes, and the two libraries' outputs against each other.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -71,19 +70,10 @@ def run(model_name: str, rounds: int, threads: int) -> dict:
     base = C.build_model(model_name, seed=0).eval()
     libs = {name: C.Lib(name) for name in C.LIBS}
 
-    def wrapped(lib: C.Lib, adapters=("default",)):
-        m = lib.wrap(copy.deepcopy(base), "lora", model_name, adapter_name=adapters[0])
-        ours, theirs = C.configs("lora", model_name)
-        for name in adapters[1:]:
-            m.add_adapter(name, ours if lib.name == "peftkit" else theirs)
-        for i, name in enumerate(adapters):
-            C.set_identical_adapter(lib, m, adapter_name=name, seed=1 + 10 * i, randomise_constants=True)
-        return m.eval()
-
     models = {"base": base}
     for name, lib in libs.items():
-        models[f"{name}_unmerged"] = wrapped(lib)
-        models[f"{name}_merged"] = wrapped(lib).merge_and_unload().eval()
+        models[f"{name}_unmerged"] = C.with_adapters(lib, base, model_name)
+        models[f"{name}_merged"] = C.with_adapters(lib, base, model_name).merge_and_unload().eval()
     outs: dict = {}
 
     def forward(key: str):
@@ -109,7 +99,7 @@ def run(model_name: str, rounds: int, threads: int) -> dict:
         models.clear()
 
         # four adapters, one per request: one mixed batch against four single-request passes
-        multi = {name: wrapped(lib, ADAPTERS) for name, lib in libs.items()}
+        multi = {name: C.with_adapters(lib, base, model_name, ADAPTERS) for name, lib in libs.items()}
 
         def singles(name: str, fn):
             def call():
