@@ -8,7 +8,7 @@ Hugging Face PEFT also reads::
 """
 
 from peftkit.analysis import RelevanceReport, interpolate, relevance_scores
-from peftkit.config import PeftConfig, PeftType, TargetedConfig, TaskType
+from peftkit.core.config import PeftConfig, PeftType, TargetedConfig, TaskType
 from peftkit.core.registry import Method, get_method, list_methods, register_method
 from peftkit.core.state import AdapterStateError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.targeting import TargetError

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig
+from peftkit.core.config import PeftConfig
 from peftkit.core import tuner
 from peftkit.core.io import WEIGHTS_NAME, atomic_write_text, load_tensors, resolve_adapter_dir, save_tensors
 from peftkit.core.layer import adapter_layers, per_example_adapters

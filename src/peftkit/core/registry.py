@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.config import PeftConfig
+    from peftkit.core.config import PeftConfig
     from peftkit.core.layer import AdapterLayer
     from peftkit.core.model_adapter import ModelAdapter
 

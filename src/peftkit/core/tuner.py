@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.config import PeftConfig
+from peftkit.core.config import PeftConfig
 from peftkit.core.inplace import InPlaceAdapter, attached_in_place
 from peftkit.core.layer import BASE_ADAPTER, AdapterLayer, adapter_layers
 from peftkit.core.modules_to_save import ModulesToSaveWrapper

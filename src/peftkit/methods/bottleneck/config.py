@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peftkit.config import TargetedConfig
+from peftkit.core.config import TargetedConfig
 
 __all__ = ["NON_LINEARITIES", "VARIANTS", "BottleneckConfig"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from peftkit.config import PeftConfig, normalise_target_fields
+from peftkit.core.config import PeftConfig, normalise_target_fields
 
 __all__ = ["LayerwiseConfig"]
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Union
 
-from peftkit.config import TargetedConfig
+from peftkit.core.config import TargetedConfig
 from peftkit.core.targeting import matches_key
 
 __all__ = ["LoraConfig"]

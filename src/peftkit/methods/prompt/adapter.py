@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.config import TaskType
+from peftkit.core.config import TaskType
 from peftkit.core.model_adapter import ModelAdapter
 from peftkit.methods.prompt.build import ModelSpec
 from peftkit.methods.prompt.config import PromptLearningConfig

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftkit.config import TaskType
+from peftkit.core.config import TaskType
 from peftkit.methods.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,

@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
-from peftkit.config import PeftConfig, TaskType
+from peftkit.core.config import PeftConfig, TaskType
 
 __all__ = [
     "PROMPT_TASK_TYPES",
