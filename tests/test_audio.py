@@ -22,7 +22,8 @@ import yaml
 from peftkit.train import ConfigError, load_config, run_training
 from peftkit.train.config import build_config
 from peftkit.train.data import prepare_task_data
-from peftkit.train.tasks import Prepared
+from peftkit.train.plugins import get_task
+from peftkit.train.run import Prepared
 from peftkit.train.tasks.audio import _read_wav_stdlib, load_audio, read_audio_file, resample
 
 pytest.importorskip("accelerate")
@@ -113,7 +114,7 @@ def test_tables_array_values_and_lists_of_paths(tones, tmp_path):
     jsonl.write_text(json.dumps({"clip": array_clip, "kind": "high"}) + "\n" + json.dumps({"clip": {"path": rel[0]}, "kind": "high"}) + "\n")
     cfg = build_config({"task": "audio_classification", "model": {"name": str(tones / "w2v")},
                         "data": {"train": str(table), "audio_column": "clip", "label_column": "kind"}})
-    data = prepare_task_data(cfg.task, cfg.data, 0)
+    data = prepare_task_data(get_task(cfg.task), cfg.data, 0)
     assert [r["clip"] for r in data.train] == [str(f) for f in files[:3]]  # relative to the table's folder
     run = Prepared(cfg, data.labels)
     for record in [*run.task.read(str(jsonl), cfg.data), {"clip": {"bytes": buffer.getvalue()}, "kind": "high"}]:
@@ -126,7 +127,7 @@ def test_tables_array_values_and_lists_of_paths(tones, tmp_path):
 
 def test_padding_does_not_change_a_clips_prediction(tones):
     cfg = build_config(_config(tones, tones / "unused"))
-    data = prepare_task_data(cfg.task, cfg.data, 0)
+    data = prepare_task_data(get_task(cfg.task), cfg.data, 0)
     run = Prepared(cfg, data.labels)
     run.model.eval()
     short = run.encode({"audio": (_sine(400.0, 16000, 0.15).numpy(), 16000)})
@@ -229,7 +230,7 @@ def test_whisper_encoder_classification_trains_saves_and_loads(tones, tmp_path):
     assert sorted(saved["modules_to_save"]) == ["classifier", "projector"]
 
     # gradients reach the adapters and the head only; the saved adapter reproduces the outputs
-    data = prepare_task_data(cfg.task, cfg.data, 0)
+    data = prepare_task_data(get_task(cfg.task), cfg.data, 0)
     run = Prepared(cfg, data.labels)
     batch = run.collate(run.encode_all(data.validation[:4]))
     assert set(batch) == {"input_features", "labels"} and batch["input_features"].shape == (4, 80, 100)
@@ -257,14 +258,14 @@ def test_missing_audio_column_and_unreadable_files_are_named(tones, tmp_path):
     table.write_text(json.dumps({"file": "a.wav", "label": "x"}) + "\n")
     raw = {"task": "audio_classification", "model": {"name": str(tones / "w2v")}, "data": {"train": str(table)}}
     with pytest.raises(ConfigError, match=r"no column 'audio' \(data.audio_column\).*\['file', 'label'\]"):
-        prepare_task_data("audio_classification", build_config(raw).data, 0)
+        prepare_task_data(get_task("audio_classification"), build_config(raw).data, 0)
     table.write_text(json.dumps({"audio": "missing.wav", "label": "x"}) + "\n")
     with pytest.raises(ConfigError, match=r"record 1 names audio file .*missing.wav.*does not exist"):
-        prepare_task_data("audio_classification", build_config(raw).data, 0)
+        prepare_task_data(get_task("audio_classification"), build_config(raw).data, 0)
     (tmp_path / "broken.wav").write_bytes(b"RIFF not really a wave file")
     table.write_text(json.dumps({"audio": "broken.wav", "label": "x"}) + "\n")
     cfg = build_config(raw)
-    data = prepare_task_data(cfg.task, cfg.data, 0)
+    data = prepare_task_data(get_task(cfg.task), cfg.data, 0)
     run = Prepared(cfg, data.labels)
     with pytest.raises(ConfigError, match=r"cannot read audio .*broken.wav"):
         run.encode(data.train[0])

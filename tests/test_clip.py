@@ -18,7 +18,7 @@ from peftkit.cli import main as cli_main
 from peftkit.train import ConfigError, run_training
 from peftkit.train.config import build_config
 from peftkit.train.data import prepare_task_data
-from peftkit.train.tasks import Prepared
+from peftkit.train.run import Prepared
 from peftkit.train.tasks.clip import contrastive_loss, image_embeddings, text_embeddings
 
 pytest.importorskip("accelerate")

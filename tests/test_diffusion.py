@@ -295,7 +295,7 @@ def test_training_lowers_the_loss_and_writes_a_diffusers_file(pipeline_dir, tmp_
     adapter = tmp_path / "run" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / LORA_WEIGHT_NAME).is_file()
     # the run's best adapter, loaded by peftkit, equals the diffusers file loaded by a pipeline
-    from peftkit.train.tasks import Prepared
+    from peftkit.train.run import Prepared
 
     run = Prepared(cfg, None)
     model = PeftModel.from_pretrained(run.model, adapter).get_base_model()
@@ -312,7 +312,7 @@ def test_training_lowers_the_loss_and_writes_a_diffusers_file(pipeline_dir, tmp_
 
 
 def test_image_folder_captions_and_config_errors(pipeline_dir, tmp_path):
-    from peftkit.train.tasks import get_task
+    from peftkit.train.plugins import get_task
 
     task = get_task("text_to_image")
     folder = tmp_path / "folder"

@@ -170,11 +170,10 @@ def test_classification_run_writes_everything(workspace, tmp_path):
 def test_causal_lm_prompt_response_loss_covers_response_only(tmp_path):
     from transformers import AutoTokenizer
 
-    from peftkit.train.config import DataSection
-    from peftkit.train.tasks.text import Encoder
+    from peftkit.train.tasks.text import CausalLMData, CausalLMEncoder
 
     tok = AutoTokenizer.from_pretrained(minilm.get_model_path())
-    enc = Encoder("causal_lm", tok, DataSection(train="x"), 64, None)
+    enc = CausalLMEncoder(tok, CausalLMData(train="x"), 64)
     item = enc.encode({"prompt": "question: two plus two", "response": "four"})
     n_prompt = len(tok("question: two plus two", add_special_tokens=False)["input_ids"])
     assert item["labels"][:n_prompt] == [-100] * n_prompt
@@ -201,10 +200,27 @@ def test_generative_tasks_train(workspace, tmp_path, task):
     assert "perplexity" in summary["metric_after"]
 
 
-def test_resume_gives_the_uninterrupted_result(workspace, tmp_path):
+def _interrupt_after(monkeypatch, calls: int) -> None:
+    """Ctrl-C in the middle of the training loss call number ``calls`` + 1 (a micro-step)."""
+    from peftkit.train.tasks.text import TextClassificationTask
+
+    original, seen = TextClassificationTask.loss, {"n": 0}
+
+    def loss(self, model, batch):
+        seen["n"] += 1
+        if seen["n"] > calls:
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    monkeypatch.setattr(TextClassificationTask, "loss", loss)
+
+
+def test_resume_gives_the_uninterrupted_result(workspace, tmp_path, monkeypatch):
     full = run_training(build_config(_config(workspace, tmp_path / "a", epochs=2, checkpoint_every=2)), quiet=True)
     cfg = build_config(_config(workspace, tmp_path / "b", epochs=2, checkpoint_every=2))
-    assert run_training(cfg, quiet=True, _interrupt_at=5)["interrupted"]
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 7)  # mid-way through step 8, past the checkpoint of step 6
+        assert run_training(cfg, quiet=True)["interrupted"]
     resumed = run_training(cfg, resume=True, quiet=True)
     assert resumed["steps"] == full["steps"]
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
@@ -215,7 +231,9 @@ def test_resume_gives_the_uninterrupted_result(workspace, tmp_path):
 
 
 def test_adaptive_lora_run_ends_at_its_budget(workspace, tmp_path):
-    cfg = build_config(_config(workspace, tmp_path / "ad", epochs=4, adaptive_target_r=2, adaptive_interval=2))
+    raw = _config(workspace, tmp_path / "ad", epochs=4)
+    raw["method"].update(adaptive_target_r=2, adaptive_interval=2)
+    cfg = build_config(raw)
     run_training(cfg, quiet=True)
     saved = json.loads((tmp_path / "ad" / "adapter" / "adapter_config.json").read_text())
     ranks = saved["rank_pattern"]

@@ -12,27 +12,9 @@ __all__ = ["main"]
 
 
 def _load_run(run_dir: str) -> tuple[Any, Any]:
-    """A finished run: its task parts (config, base model, processor, labels) and the base
-    model with the trained adapter."""
-    import yaml
+    from peftkit.train.run import load_run
 
-    from peftkit import PeftModel
-    from peftkit.train.config import ConfigError, build_config
-    from peftkit.train.tasks import Prepared
-
-    config_path = os.path.join(run_dir, "config.yaml")
-    adapter_dir = os.path.join(run_dir, "adapter")
-    if not os.path.isfile(config_path) or not os.path.isdir(adapter_dir):
-        raise ConfigError(f"{run_dir!r} is not a finished run folder (config.yaml and adapter/ expected)")
-    with open(config_path, encoding="utf-8") as fh:
-        cfg = build_config(yaml.safe_load(fh))
-    labels = None
-    labels_path = os.path.join(run_dir, "labels.json")
-    if os.path.isfile(labels_path):
-        with open(labels_path, encoding="utf-8") as fh:
-            labels = json.load(fh)
-    run = Prepared(cfg, labels)
-    return run, PeftModel.from_pretrained(run.model, adapter_dir)
+    return load_run(run_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -153,10 +135,11 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     from peftkit.analysis import relevance_scores
     from peftkit.train import load_config
     from peftkit.train.data import prepare_task_data
-    from peftkit.train.tasks import Prepared
+    from peftkit.train.plugins import get_task
+    from peftkit.train.run import Prepared
 
     cfg = load_config(args.config, args.overrides)
-    data = prepare_task_data(cfg.task, cfg.data, cfg.train.seed)
+    data = prepare_task_data(get_task(cfg.task), cfg.data, cfg.train.seed)
     run = Prepared(cfg, data.labels)
     model = run.model
     items = run.encode_all(data.train[: args.examples])
@@ -185,7 +168,7 @@ def cmd_relevance(args: argparse.Namespace) -> int:
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from peftkit.analysis import interpolate
-    from peftkit.train.tasks import Prepared
+    from peftkit.train.run import Prepared
 
     run, model = _load_run(args.run)
     pretrained = Prepared(run.cfg, run.labels).model  # for weights the method trained in place
@@ -237,6 +220,18 @@ def cmd_methods(_: argparse.Namespace) -> int:
     width = max(len(k) for k in methods)
     for name, description in methods.items():
         print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def cmd_tasks(_: argparse.Namespace) -> int:
+    from peftkit.train.plugins import EXTENSIONS, TASKS
+
+    for title, registry in (("tasks (task: NAME)", TASKS), ("training extensions (train.NAME: {...})", EXTENSIONS)):
+        print(title)
+        for name in registry.names():
+            item = registry.get(name)
+            doc = (type(item).__doc__ or "").strip().splitlines()
+            print(f"  {name:<22} {doc[0] if doc else ''}")
     return 0
 
 
@@ -295,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_interpolate)
     p = sub.add_parser("methods", help="list the methods")
     p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("tasks", help="list the tasks and training extensions of peftkit train")
+    p.set_defaults(func=cmd_tasks)
     return parser
 
 

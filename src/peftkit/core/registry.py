@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from peftkit.core.config import PeftConfig
     from peftkit.core.layer import AdapterLayer
     from peftkit.core.model_adapter import ModelAdapter
+    from peftkit.core.training import TrainingHooks
 
-__all__ = ["Method", "get_method", "list_methods", "register_method"]
+__all__ = ["Method", "all_methods", "get_method", "list_methods", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,14 @@ class Method:
             ``generate`` through the active one.
         file_key_prefix: prefix of file keys for tensors inside the wrapped model (e.g. a
             trained classification head); None means ``base_model.model.``.
+        training_hooks: ``(config, options) -> TrainingHooks | None``: what the method runs
+            around a training loop (see ``core/training.py``); ``options`` is an instance of
+            ``training_options``. None (or a None result): plain gradient steps suffice.
+        training_options: a dataclass of the run-config keys the hooks take besides the
+            config's own fields (``method: {name: lora, adaptive_target_r: 4}``); they steer
+            training and are not saved with the adapter.
+        presets: named starting points for ``peftkit compare``: ``{name: {"method": {...},
+            "train": {...}}}``, the method's options and the training settings it wants.
     """
 
     peft_type: str
@@ -66,6 +75,9 @@ class Method:
     prepare_config: Callable[[nn.Module, Any], None] | None = None
     create_model_adapter: Callable[[nn.Module, Any, str], ModelAdapter] | None = None
     file_key_prefix: str | None = None
+    training_hooks: Callable[[Any, Any], TrainingHooks | None] | None = None
+    training_options: type | None = None
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,6 +126,12 @@ def get_method(peft_type: str) -> Method:
 
 def method_for_config(config: PeftConfig) -> Method:
     return get_method(type(config).peft_type)
+
+
+def all_methods() -> list[Method]:
+    """Every registered method, by ``peft_type``."""
+    _load_builtins()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def list_methods() -> dict[str, str]:

@@ -9,7 +9,9 @@ while the others still run. Finished runs are reused when the same report is mad
 from __future__ import annotations
 
 import base64
+import copy
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -22,26 +24,22 @@ from typing import Any
 import yaml
 
 from peftkit.core.io import atomic_write_text
-from peftkit.train.config import ConfigError
+from peftkit.train.config import apply_overrides, build_config, read_raw_config
+from peftkit.train.evaluate import metric_direction
+from peftkit.train.plugins import get_task
+from peftkit.train.run import load_run
+from peftkit.train.schema import ConfigError
 
-__all__ = ["PRESETS", "compare", "pareto_front", "recommend"]
+__all__ = ["compare", "pareto_front", "presets", "recommend", "run_config"]
 
-# Sensible starting points; the config's `compare:` section overrides any of them per name.
-PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"method": {"name": "full"}, "train": {"lr": 5e-5}},
-    "lora": {"method": {"name": "lora", "r": 8, "lora_alpha": 16}, "train": {"lr": 1e-3}},
-    "adaptive_lora": {"method": {"name": "lora", "r": 12, "lora_alpha": 24}, "train": {"lr": 1e-3, "adaptive_target_r": 4}},
-    "dora": {"method": {"name": "lora", "r": 8, "lora_alpha": 16, "use_dora": True}, "train": {"lr": 1e-3}},
-    "ia3": {"method": {"name": "ia3"}, "train": {"lr": 1e-2}},
-    "bitfit": {"method": {"name": "bitfit"}, "train": {"lr": 1e-2}},
-    "layernorm": {"method": {"name": "ln_tuning"}, "train": {"lr": 5e-3}},
-    "adapter": {"method": {"name": "bottleneck"}, "train": {"lr": 1e-3}},
-    "prompt": {"method": {"name": "prompt_tuning", "num_virtual_tokens": 20}, "train": {"lr": 3e-2}},
-    "prefix": {"method": {"name": "prefix_tuning", "num_virtual_tokens": 20}, "train": {"lr": 1e-2}},
-    "sparse": {"method": {"name": "sparse", "density": 0.01}, "train": {"lr": 1e-3}},
-}
-for _k in (1, 2, 3, 4):
-    PRESETS[f"top{_k}"] = {"method": {"name": "layerwise", "top_layers": _k}, "train": {"lr": 1e-4}}
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """Every method's named starting points (``Method.presets``), by name."""
+    from peftkit.core.registry import all_methods
+
+    return {name: preset for method in all_methods() for name, preset in method.presets.items()}
+
 
 COLUMNS = ["method", "status", "metric", "trainable", "share", "peak_memory_mib", "train_seconds", "throughput", "adapter_bytes", "latency_ms", "note"]
 
@@ -68,21 +66,35 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _run_config(raw: dict[str, Any], name: str, out_dir: str) -> dict[str, Any]:
-    """The run config of one method: the shared config, the preset's method and training
-    settings, then the config's own ``compare.<name>`` section on top."""
-    overrides = (raw.get("compare") or {}).get(name)
-    if name not in PRESETS and overrides is None:
-        raise ConfigError(f"unknown method {name!r} for compare: use one of {sorted(PRESETS)} or define it under compare.{name}")
-    preset = PRESETS.get(name, {})
-    cfg = {k: v for k, v in raw.items() if k != "compare"}
-    cfg["method"] = dict(preset.get("method") or raw.get("method") or {})
-    cfg["train"] = {**(raw.get("train") or {}), **preset.get("train", {})}
-    if overrides:
-        method = overrides.get("method")
-        if isinstance(method, dict) and method.get("name") not in (None, cfg["method"].get("name")):
-            cfg["method"] = {}  # another method: its options replace, not extend, the shared ones
-        cfg = _merge(cfg, overrides)
+def _method_name(section: Any) -> str | None:
+    name = section.get("name") if isinstance(section, dict) else section
+    return str(name).upper().replace("-", "_") if name is not None else None
+
+
+def run_config(raw: dict[str, Any], name: str, out_dir: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The run config of one method. Later layers win: the preset, the config file, the
+    file's ``compare.<name>`` section, the command line's ``overrides``. The file's (and the
+    command line's) ``method`` options apply only to runs of the same method."""
+    from peftkit.train.config import apply_overrides
+
+    table = presets()
+    section = (raw.get("compare") or {}).get(name)
+    if name not in table and section is None:
+        raise ConfigError(f"unknown method {name!r} for compare: use one of {sorted(table)} or define it under compare.{name}")
+    preset = table.get(name, {})
+    shared = {k: v for k, v in raw.items() if k not in ("compare", "method")}
+    cfg = _merge({"method": dict(preset.get("method") or raw.get("method") or {})}, {"train": dict(preset.get("train") or {})})
+    cfg = _merge(cfg, shared)
+    if _method_name(raw.get("method")) == _method_name(cfg["method"]):
+        cfg["method"] = _merge(cfg["method"], raw.get("method") or {})
+    if section:
+        method = section.get("method")
+        if isinstance(method, dict) and _method_name(method) not in (None, _method_name(cfg["method"])):
+            cfg["method"] = {}  # another method: its options replace, not extend, the others
+        cfg = _merge(cfg, section)
+    same_method = _method_name(raw.get("method")) == _method_name(cfg["method"])
+    cli = [o for o in overrides or [] if same_method or not o.strip().startswith("method.")]
+    cfg = apply_overrides(cfg, cli)
     cfg["output_dir"] = os.path.join(out_dir, name)
     return cfg
 
@@ -92,9 +104,7 @@ def _latency_ms(run_dir: str) -> tuple[float | None, str]:
     the method cannot merge)."""
     import torch
 
-    from peftkit.cli import _load_run
-
-    run, model = _load_run(run_dir)
+    run, model = load_run(run_dir)
     note = ""
     try:
         model = model.merge_and_unload()
@@ -120,8 +130,8 @@ def _summary_metric(out_dir: str, name: str) -> str | None:
         return None
 
 
-def _run_one(raw: dict[str, Any], name: str, out_dir: str, log: Any) -> Row:
-    cfg = _run_config(raw, name, out_dir)
+def _run_one(raw: dict[str, Any], name: str, out_dir: str, log: Any, overrides: list[str]) -> Row:
+    cfg = run_config(raw, name, out_dir, overrides)
     run_dir = cfg["output_dir"]
     os.makedirs(run_dir, exist_ok=True)
     cfg_path = os.path.join(run_dir, "compare_config.yaml")
@@ -143,10 +153,7 @@ def _run_one(raw: dict[str, Any], name: str, out_dir: str, log: Any) -> Row:
             return Row(name, "failed", note=reason[:300])
     with open(summary_path, encoding="utf-8") as fh:
         summary = json.load(fh)
-    from peftkit.train.tasks import get_task
-
-    # the metric the run chose its checkpoint by (it may depend on the data, e.g. labels or not)
-    metric_name = summary.get("metric") or (raw.get("train") or {}).get("metric") or get_task(raw.get("task", "classification")).default_metric
+    metric_name = summary["metric"]  # the metric the run chose its checkpoint by (it may depend on the data)
     after = summary.get("metric_after") or {}
     try:
         latency, note = _latency_ms(run_dir)
@@ -247,25 +254,18 @@ def compare(config_path: str, methods: list[str], out_dir: str | None = None, to
     Returns:
         ``{"rows": [...], "recommendation": name or None, "files": [...]}``.
     """
-    from peftkit.train.config import apply_overrides, build_config
-    from peftkit.train.evaluate import metric_direction
-
     log = (lambda *a: None) if quiet else print
-    with open(config_path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
-    raw = apply_overrides(raw, overrides or [])
-    base_dir = os.path.dirname(os.path.abspath(config_path))
-    checked = build_config({k: v for k, v in raw.items() if k != "compare"}, base_dir=base_dir)  # fail fast on the shared part
-    # paths resolved next to the config file, so each method's own config finds them
-    raw["data"] = {**raw.get("data", {}), "train": checked.data.train, "validation": checked.data.validation}
-    raw["model"] = {**(raw.get("model") or {}), "name": checked.model.name}
-    if checked.model.checkpoint:
-        raw["model"]["checkpoint"] = checked.model.checkpoint
+    raw, base_dir = read_raw_config(config_path)
+    checked = build_config(apply_overrides(copy.deepcopy({k: v for k, v in raw.items() if k != "compare"}), overrides or []),
+                           base_dir=base_dir)  # fail fast on the shared part
+    for key in ("model", "data"):  # paths resolved next to the config file, for each method's own config
+        section = getattr(checked, key)
+        resolved = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.metadata.get("path") or f.name == "name"}
+        raw[key] = {**(raw.get(key) or {}), **{k: v for k, v in resolved.items() if v or k in (raw.get(key) or {})}}
+    raw["task"] = {**raw["task"], "name": checked.task} if isinstance(raw.get("task"), dict) else checked.task
     out_dir = out_dir or os.path.join(checked.output_dir, "compare")
     os.makedirs(out_dir, exist_ok=True)
-    from peftkit.train.tasks import get_task
-
-    rows = [_run_one(raw, name, out_dir, log) for name in methods]
+    rows = [_run_one(raw, name, out_dir, log, overrides or []) for name in methods]
     chosen = [_summary_metric(out_dir, r.method) for r in rows if r.status == "ok"]
     metric = checked.train.metric or next((m for m in chosen if m), None) or get_task(checked.task).default_metric
     higher = metric_direction(metric)

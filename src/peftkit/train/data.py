@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from peftkit.train.config import ConfigError, DataSection
+from peftkit.train.schema import ConfigError, DataSection
 
 __all__ = ["TaskData", "batch_order", "data_folder", "is_saved_dataset", "load_saved_dataset", "prepare_task_data", "read_class_folders", "read_records"]
 
@@ -102,10 +102,7 @@ def _split(records: list[dict[str, Any]], fraction: float, seed: int) -> tuple[l
 
 
 def prepare_task_data(task: Any, data: DataSection, seed: int) -> TaskData:
-    """Reads and checks the train/validation records of ``task`` (a Task or its name)."""
-    from peftkit.train.tasks import get_task
-
-    task = get_task(task) if isinstance(task, str) else task
+    """Reads and checks the train/validation records of ``task`` (a ``Task``)."""
     train = task.read(data.train, data)
     if not train:
         raise ConfigError(f"{data.train} holds no records")

@@ -1,11 +1,8 @@
-"""Validation metrics. Each task evaluates itself (``Task.evaluate``): accuracy and
-macro-F1 for classification, loss and perplexity for language modelling, and so on."""
+"""Which way a validation metric points. Each task evaluates itself (``Task.evaluate``)."""
 
 from __future__ import annotations
 
-from peftkit.train.tasks.base import classification_metrics
-
-__all__ = ["classification_metrics", "metric_direction"]
+__all__ = ["metric_direction"]
 
 _LOWER_IS_BETTER = ("eval_loss", "perplexity")
 

@@ -3,33 +3,69 @@
 One global batch is cut into equal shards, one per process, so a run on N processes
 (``accelerate launch`` / ``torchrun``, DDP) takes the same optimiser steps as one process
 with the same global batch.
+
+A run trains in rounds: one, unless a training extension hands it more records when a
+round ends (self-training does, with pseudo-labels). Each round has its own optimiser and
+learning-rate schedule; the best checkpoint is chosen over all of them. The method's
+training hooks and the extensions are the only plug-ins the loop calls, at the points that
+``peftkit.core.training`` documents.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from peftkit.core.io import WEIGHTS_NAME, atomic_write_text, save_tensors
-from peftkit.train.config import RunConfig, method_config
+from peftkit.core.training import TrainingHooks, run_hooks
+from peftkit.train.config import method_config, method_training_options, split_method
 from peftkit.train.data import batch_order, prepare_task_data
 from peftkit.train.evaluate import metric_direction
-from peftkit.train.tasks import Prepared
+from peftkit.train.plugins import EXTENSIONS, get_task
+from peftkit.train.report import plot_history, summary_table
+from peftkit.train.run import Prepared
+from peftkit.train.schema import ConfigError, RunConfig
 from peftkit.train.tasks.base import to_device
 
-__all__ = ["run_training"]
+__all__ = ["RunState", "run_training"]
 
 CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved in every checkpoint, so ``--resume`` continues exactly."""
+
+    step: int = 0  # optimiser steps taken, over all rounds
+    epoch: int = 0  # epochs begun, over all rounds (it seeds the batch order)
+    batch: int = 0  # micro-batches of the current epoch done, at the last optimiser step
+    round: int = 0
+    round_start: int = 0  # the step the current round began at
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    finished: bool = False
+    units: int = 0
+    train_seconds: float = 0.0
+    metric_before: dict[str, float] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra_records: list[dict[str, Any]] = field(default_factory=list)  # records an extension added for this round
+    hooks: dict[str, Any] = field(default_factory=dict)  # each hook's state_dict, by position
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -70,33 +106,29 @@ def _regulariser(named: list[tuple[str, nn.Parameter]], reference: dict[str, tor
     return total
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def _save_checkpoint(path: str, trainable: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_tensors(os.path.join(tmp, "trainable.safetensors"), trainable)
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    old = path + ".old"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool, unit: str) -> None:
-        self.total, self.enabled, self.tty, self.unit = total, enabled, sys.stdout.isatty(), unit
+    def __init__(self, enabled: bool, unit: str) -> None:
+        self.enabled, self.tty, self.unit = enabled, sys.stdout.isatty(), unit
 
-    def show(self, step: int, loss: float, lr: float, rate: float) -> None:
+    def show(self, step: int, total: int, loss: float, lr: float, rate: float) -> None:
         if not self.enabled:
             return
         width = 24
-        done = int(width * step / max(1, self.total))
-        line = f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} {self.unit}/s"
+        done = int(width * step / max(1, total))
+        line = f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} {self.unit}/s"
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
 
     def close(self) -> None:
@@ -104,304 +136,439 @@ class _Progress:
             print()
 
 
-def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, _interrupt_at: int | None = None) -> dict[str, Any]:
+class Run:
+    """Everything a run holds while it trains. It is also the context that training hooks
+    and extensions see (``peftkit.core.training.TrainingContext``)."""
+
+    def __init__(self, cfg: RunConfig, quiet: bool) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from peftkit import get_peft_model
+
+        self.cfg, t = cfg, cfg.train
+        mixed = t.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        self.main = self.accelerator.is_main_process
+        self.quiet = quiet
+        self.started = time.perf_counter()
+        set_seed(t.seed)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier run's in the same process
+        data = prepare_task_data(get_task(cfg.task), cfg.data, t.seed)
+        self.parts = Prepared(cfg, data.labels)
+        self.task, self.labels = self.parts.task, data.labels
+        peft_config = method_config(cfg)
+        base = self.parts.model
+        if t.gradient_checkpointing and hasattr(base, "gradient_checkpointing_enable"):
+            base.gradient_checkpointing_enable()
+        self.model = get_peft_model(base, self.parts.with_heads(peft_config))  # the PeftModel hooks see
+        self.labelled_items = self.parts.encode_all(data.train)
+        self.val_items = self.parts.encode_all(data.validation)
+        self.train_items = self.labelled_items
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if t.batch_size % self.world:
+            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the {self.world} processes")
+        self.metric = self.parts.metric
+        self.higher_better = metric_direction(self.metric)
+        self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.reference = {n: p.detach().clone() for n, p in self.named} if t.l2sp else {}  # L2-SP's anchor: a copy of the trained parameters only
+        self.wrapped = self.accelerator.prepare(self.model)  # what the steps call (DDP across processes)
+        self.hooks = _hooks(cfg)
+        self.state = RunState()
+        self.rng = _rng_state()  # as of the last optimiser step: what a checkpoint restores
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.round_steps = 0
+        self.eval_every = 1
+        self.out = cfg.output_dir
+        self.progress = _Progress(self.main and not quiet, self.task.unit)
+
+    # -- the TrainingContext of hooks --------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def total_steps(self) -> int:
+        """The step the current round ends at."""
+        return self.state.round_start + self.round_steps
+
+    def batches(self, count: int) -> Iterator[Any]:
+        """The first ``count`` training batches of the first epoch (this process's shard)."""
+        order = batch_order([self.task.length(i) for i in self.train_items], self.cfg.train.batch_size, self.cfg.train.seed, 0,
+                            self.cfg.train.group_by_length)
+        for batch_ids in order[:count]:
+            yield self.collate_shard(batch_ids)
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.task.loss(model, batch)
+
+    def log(self, message: str) -> None:
+        if self.main and not self.quiet:
+            self.progress.close()
+            print(message)
+
+    # -- helpers for extensions ---------------------------------------------------------------
+    @torch.no_grad()
+    def class_probabilities(self, records: list[dict[str, Any]]) -> torch.Tensor:
+        """``(records, classes)`` probabilities the current model gives (every process computes
+        all of them, so every process reaches the same decisions)."""
+        items = self.parts.encode_all(records)
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        size = self.cfg.train.eval_batch_size
+        for start in range(0, len(items), size):
+            batch = to_device(self.parts.collate(items[start : start + size]), self.accelerator.device)
+            out.append(self.task.class_probabilities(self.model, batch).cpu())
+        self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, len(self.labels or []))
+
+    def collate_shard(self, batch_ids: list[int]) -> Any:
+        shard = batch_ids[self.rank * len(batch_ids) // self.world : (self.rank + 1) * len(batch_ids) // self.world]
+        return to_device(self.parts.collate([self.train_items[i] for i in shard]), self.accelerator.device)
+
+    def use_records(self, extra: list[dict[str, Any]]) -> None:
+        """Trains on the labelled records plus ``extra`` from now on."""
+        self.state.extra_records = extra
+        self.train_items = self.labelled_items + self.parts.encode_all(extra)
+
+
+def _hooks(cfg: RunConfig) -> list[TrainingHooks]:
+    """The method's training hooks, then each configured extension's, in config order."""
+    hooks: list[TrainingHooks] = []
+    method, _, _ = split_method(cfg)
+    if method.training_hooks is not None:
+        made = method.training_hooks(method_config(cfg), method_training_options(cfg))
+        if made is not None:
+            hooks.append(made)
+    for key, options in cfg.extensions.items():
+        hooks.append(EXTENSIONS.get(key).setup(options))
+    return hooks
+
+
+def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Fine-tunes the configured model with the configured method; writes the output folder.
 
     Returns:
-        The run summary (also written to ``summary.json``).
+        The run summary (also written to ``summary.json``), or ``{"interrupted": True, ...}``
+        when Ctrl-C or SIGTERM stopped it (a checkpoint was written; continue with ``resume``).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    t = cfg.train
-    mixed = t.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    log = (lambda *a: None) if quiet or not main else print
-    set_seed(t.seed)
-    started = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier run's in the same process
-
-    data = prepare_task_data(cfg.task, cfg.data, t.seed)
-    peft_config = method_config(cfg)
-    run = Prepared(cfg, data.labels)
-    task, model, collate = run.task, run.model, run.collate
-    if t.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
-    from peftkit import get_peft_model
-
-    model = get_peft_model(model, run.with_heads(peft_config))
-    train_items = run.encode_all(data.train)
-    val_items = run.encode_all(data.validation)
-    lengths = [task.length(i) for i in train_items]
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if t.batch_size % world:
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the {world} processes")
-    batches_per_epoch = math.ceil(len(train_items) / t.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // t.grad_accum)
-    total_steps = t.max_steps or max(1, int(round(steps_per_epoch * t.epochs)))
-    eval_every = t.eval_every or steps_per_epoch
-    metric_name = run.metric
-    higher_better = metric_direction(metric_name)
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    reference = {n: p.detach().clone() for n, p in named} if t.l2sp else {}
-    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, int(t.warmup_ratio * total_steps), total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    inner = accelerator.unwrap_model(model)
-    allocator = None
-    if t.adaptive_target_r:
-        from peftkit.methods.lora.adaptive import RankAllocator
-
-        allocator = RankAllocator(inner, t.adaptive_target_r, total_steps, interval=t.adaptive_interval)
-
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if main:
-        atomic_write_text(os.path.join(cfg.output_dir, "labels.json"), json.dumps(data.labels) + "\n")
-    ckpt_dir = os.path.join(cfg.output_dir, CHECKPOINT)
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
-                             "history": [], "units": 0, "train_seconds": 0.0, "metric_before": None}
-    if resume and os.path.isdir(ckpt_dir):
-        saved = load_tensors_file(os.path.join(ckpt_dir, "trainable.safetensors"))
-        params = dict(inner.named_parameters())
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-        blob = torch.load(os.path.join(ckpt_dir, "state.pt"), weights_only=False)
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["rng"])
-        state = blob["state"]
-        log(f"resumed from step {state['step']}")
-    elif resume:
-        log("no checkpoint found; starting from the beginning")
-
-    if state["metric_before"] is None and val_items:
-        state["metric_before"] = run.evaluate(inner, val_items, accelerator)
-        log(f"before training: {_fmt(state['metric_before'])}")
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if main and not resume and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-
-    def write_metrics(row: dict[str, Any]) -> None:
-        if main:
-            with open(metrics_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-    def checkpoint() -> None:
-        if main:
-            trainable = {n: p.detach().cpu() for n, p in inner.named_parameters() if p.requires_grad}
-            _save_checkpoint(ckpt_dir, trainable, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                                   "rng": torch.get_rng_state(), "state": state})
-        accelerator.wait_for_everyone()
-
-    best_dir = os.path.join(cfg.output_dir, "adapter")
-
-    def save_adapter() -> None:
-        inner.save_pretrained(best_dir)
-        task.after_save(inner, best_dir, cfg)
-
-    progress = _Progress(total_steps, main and not quiet, task.unit)
-    model.train()
-    window_loss, window_n = 0.0, 0
-    interrupted = False
+    run = Run(cfg, quiet)
+    saved = _read_checkpoint(run) if resume else None
+    if resume and saved is None:
+        run.log("no checkpoint found; starting from the beginning")
+    if saved is not None and run.state.finished:
+        run.log(f"the run in {cfg.output_dir} has finished; nothing to resume")
+        with open(os.path.join(cfg.output_dir, "summary.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+    _start_round(run)
+    for hook, state in zip(run.hooks, run.state.hooks.get("list", []), strict=False):
+        hook.load_state_dict(state)
+    run_hooks(run.hooks, "before_training", run)
+    if saved is not None:
+        _restore(run, saved)
+        run.log(f"resumed from step {run.state.step}")
+    _open_metrics(run, resumed=saved is not None)
+    if run.state.metric_before is None and run.val_items:
+        run.state.metric_before = _evaluate(run)
+        run.log(f"before training: {_fmt(run.state.metric_before)}")
     try:
-        while state["step"] < total_steps and not state.get("stopped_early"):
-            order = batch_order(lengths, t.batch_size, t.seed, state["epoch"], t.group_by_length)
-            usable = len(order) - len(order) % t.grad_accum
-            micro = state["batch"]
-            for batch_ids in order[micro:usable]:
-                tick = time.perf_counter()
-                shard = batch_ids[rank * len(batch_ids) // world:(rank + 1) * len(batch_ids) // world]
-                batch = to_device(collate([train_items[i] for i in shard]), accelerator.device)
-                boundary = (micro + 1) % t.grad_accum == 0
-                ctx = accelerator.no_sync(model) if not boundary else _null()
-                with ctx, accelerator.autocast():
-                    loss = task.loss(model, batch)
-                    reg = _regulariser(named, reference, cfg)
-                    total = loss + reg if reg is not None else loss
-                    accelerator.backward(total / t.grad_accum)
-                micro += 1
-                state["units"] += task.units(batch) * world
-                window_loss += float(loss.detach())
-                window_n += 1
-                if boundary:
-                    if t.max_grad_norm:
-                        accelerator.clip_grad_norm_([p for _, p in named], t.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    if allocator is not None:
-                        allocator.step(state["step"])
-                    optimizer.zero_grad(set_to_none=True)
-                    state["step"] += 1
-                    state["batch"] = micro
-                state["train_seconds"] += time.perf_counter() - tick
-                if boundary:
-                    step = state["step"]
-                    if step % t.log_every == 0 or step == total_steps:
-                        lr = scheduler.get_last_lr()[0]
-                        tok_s = state["units"] / max(state["train_seconds"], 1e-9)
-                        row = {"step": step, "loss": window_loss / window_n, "lr": lr, f"{task.unit}_per_second": tok_s}
-                        state["history"].append(row)
-                        write_metrics(row)
-                        progress.show(step, row["loss"], lr, tok_s)
-                        window_loss, window_n = 0.0, 0
-                    if val_items and (step % eval_every == 0 or step == total_steps):
-                        result = run.evaluate(inner, val_items, accelerator)
-                        model.train()
-                        write_metrics({"step": step, **result})
-                        state["history"].append({"step": step, **result})
-                        value = result[metric_name]
-                        better = state["best"] is None or (value > state["best"] if higher_better else value < state["best"])
-                        if better:
-                            state["best"], state["best_step"], state["bad_evals"] = value, step, 0
-                            if main:
-                                save_adapter()
-                        else:
-                            state["bad_evals"] += 1
-                        progress.close()
-                        log(f"step {step}: {_fmt(result)}" + ("  (best)" if better else ""))
-                        checkpoint()
-                        if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
-                            log(f"early stopping: {metric_name} did not improve in {state['bad_evals']} evaluations")
-                            state["stopped_early"] = True
-                    elif t.checkpoint_every and step % t.checkpoint_every == 0:
-                        checkpoint()
-                    if _interrupt_at is not None and step == _interrupt_at:
-                        raise KeyboardInterrupt
-                    if state["step"] >= total_steps or state.get("stopped_early"):
-                        break
-            else:
-                state["epoch"] += 1
-                state["batch"] = 0
-                continue
-            break
+        with _sigterm_as_interrupt():
+            while True:
+                _train_round(run)
+                if not _next_round(run):
+                    break
     except KeyboardInterrupt:
-        interrupted = True
-        progress.close()
-        log("interrupted: saving a checkpoint (continue with --resume)")
-        checkpoint()
-    progress.close()
-    if interrupted:
-        return {"interrupted": True, "step": state["step"]}
+        run.log("interrupted: saving a checkpoint (continue with --resume)")
+        _save_checkpoint(run)
+        return {"interrupted": True, "step": run.state.step}
+    return _finish(run)
 
-    if allocator is not None:
-        # the run ends at its rank budget: the adapter saved is the final, pruned one
-        ranks = allocator.finalize()
-        log(f"adaptive LoRA: {sum(ranks.values())} rank components over {len(ranks)} modules")
-        state["best_step"] = state["step"]
-        if val_items:
-            result = run.evaluate(inner, val_items, accelerator)
-            state["history"].append({"step": state["step"], **result})
-            write_metrics({"step": state["step"], **result})
-        if main:
-            save_adapter()
-    elif not val_items or state["best"] is None:
-        if main:
-            save_adapter()
-    checkpoint()
-    summary = _summary(cfg, inner, state, best_dir, started, accelerator, task.unit, metric_name)
-    if main:
-        atomic_write_text(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+
+def _start_round(run: Run) -> None:
+    """A fresh optimiser and learning-rate schedule over the current training records."""
+    t = run.cfg.train
+    batches_per_epoch = math.ceil(len(run.train_items) / t.batch_size)
+    if batches_per_epoch < t.grad_accum:
+        raise ConfigError(f"the training data make {batches_per_epoch} batches of {t.batch_size}, fewer than "
+                          f"train.grad_accum={t.grad_accum}: no optimiser step could be taken; lower train.grad_accum or "
+                          "train.batch_size")
+    steps_per_epoch = max(1, batches_per_epoch // t.grad_accum)
+    run.round_steps = t.max_steps or max(1, int(round(steps_per_epoch * t.epochs)))
+    run.eval_every = t.eval_every or steps_per_epoch
+    optimizer = torch.optim.AdamW(_param_groups(run.model, t.weight_decay), lr=t.lr)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, int(t.warmup_ratio * run.round_steps), run.round_steps))
+    run.optimizer = run.accelerator.prepare(optimizer)
+
+
+def _train_round(run: Run) -> None:
+    """Epochs over the current records until the round's steps are taken (or early stopping)."""
+    t, state = run.cfg.train, run.state
+    lengths = [run.task.length(i) for i in run.train_items]
+    run.wrapped.train()
+    window: list[float] = []
+    while state.step < run.total_steps and not state.stopped_early:
+        order = batch_order(lengths, t.batch_size, t.seed, state.epoch, t.group_by_length)
+        usable = len(order) - len(order) % t.grad_accum
+        micro = state.batch
+        for batch_ids in order[micro:usable]:
+            micro += 1
+            boundary = micro % t.grad_accum == 0
+            window.append(_train_step(run, batch_ids, sync=boundary))
+            if not boundary:
+                continue
+            _optimizer_step(run)
+            state.batch = micro
+            _after_step(run, window)
+            window = []
+            if state.step >= run.total_steps or state.stopped_early:
+                return
+        state.epoch += 1
+        state.batch = 0
+
+
+def _train_step(run: Run, batch_ids: list[int], sync: bool) -> float:
+    """Forward and backward on one micro-batch; returns its loss."""
+    tick = time.perf_counter()
+    batch = run.collate_shard(batch_ids)
+    with run.accelerator.no_sync(run.wrapped) if not sync else nullcontext(), run.accelerator.autocast():
+        loss = run.task.loss(run.wrapped, batch)
+        reg = _regulariser(run.named, run.reference, run.cfg)
+        run.accelerator.backward((loss + reg if reg is not None else loss) / run.cfg.train.grad_accum)
+    run.state.units += run.task.units(batch) * run.world
+    run.state.train_seconds += time.perf_counter() - tick
+    return float(loss.detach())
+
+
+def _optimizer_step(run: Run) -> None:
+    tick = time.perf_counter()
+    t = run.cfg.train
+    if t.max_grad_norm:
+        run.accelerator.clip_grad_norm_([p for _, p in run.named], t.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.state.step += 1
+    run_hooks(run.hooks, "after_optimizer_step", run)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.rng = _rng_state()
+    run.state.train_seconds += time.perf_counter() - tick
+
+
+def _after_step(run: Run, losses: list[float]) -> None:
+    """Logging, evaluation (and the best adapter), checkpoints, early stopping."""
+    t, state = run.cfg.train, run.state
+    step, end = state.step, run.total_steps
+    if step % t.log_every == 0 or step == end:
+        lr = run.scheduler.get_last_lr()[0]
+        rate = state.units / max(state.train_seconds, 1e-9)
+        _record(run, {"step": step, "loss": sum(losses) / len(losses), "lr": lr, f"{run.task.unit}_per_second": rate})
+        run.progress.show(step, end, state.history[-1]["loss"], lr, rate)
+    round_step = step - state.round_start
+    if run.val_items and (round_step % run.eval_every == 0 or step == end):
+        _evaluate_and_select(run)
+        _save_checkpoint(run)
+    elif t.checkpoint_every and step % t.checkpoint_every == 0:
+        _save_checkpoint(run)
+
+
+def _evaluate(run: Run) -> dict[str, float]:
+    result = run.parts.evaluate(run.model, run.val_items, run.accelerator)
+    run.wrapped.train()
+    return result
+
+
+def _evaluate_and_select(run: Run) -> None:
+    state = run.state
+    result = _evaluate(run)
+    _record(run, {"step": state.step, **result})
+    value = result[run.metric]
+    better = state.best is None or (value > state.best if run.higher_better else value < state.best)
+    if better:
+        state.best, state.best_step, state.bad_evals = value, state.step, 0
+        _save_adapter(run)
+    else:
+        state.bad_evals += 1
+    run.log(f"step {state.step}: {_fmt(result)}" + ("  (best)" if better else ""))
+    patience = run.cfg.train.early_stopping_patience
+    if patience and state.bad_evals >= patience:
+        run.log(f"early stopping: {run.metric} did not improve in {state.bad_evals} evaluations")
+        state.stopped_early = True
+
+
+def _next_round(run: Run) -> bool:
+    """Asks the extensions for another round; starts it when one hands over records."""
+    for hook in run.hooks:
+        ask = getattr(hook, "next_round", None)
+        records = ask(run) if ask is not None else None
+        if records is not None:
+            state = run.state
+            run.use_records(records)
+            state.round += 1
+            state.round_start, state.stopped_early, state.bad_evals = state.step, False, 0
+            _start_round(run)
+            run.log(f"round {state.round + 1}: {len(run.labelled_items)} labelled + {len(records)} added records, "
+                    f"{run.round_steps} steps")
+            _save_checkpoint(run)
+            return True
+    return False
+
+
+def _finish(run: Run) -> dict[str, Any]:
+    state = run.state
+    changed = any(run_hooks(run.hooks, "after_training", run))
+    if changed:  # a hook changed the model at the end (e.g. cut it to a budget): that is the result
+        state.best_step = state.step
+        if run.val_items:
+            _record(run, {"step": state.step, **_evaluate(run)})
+        _save_adapter(run)
+    elif not run.val_items or state.best is None:
+        _save_adapter(run)
+    state.finished = True
+    _save_checkpoint(run)
+    summary = _summary(run)
+    if run.main:
         import yaml
 
-        atomic_write_text(os.path.join(cfg.output_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _plot(state["history"], os.path.join(cfg.output_dir, "training_curve.png"), metric_name)
-        log(_table(summary))
+        atomic_write_text(os.path.join(run.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(os.path.join(run.out, "config.yaml"), yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
+        plot_history(state.history, os.path.join(run.out, "training_curve.png"), run.metric)
+        run.log(summary_table(summary))
     return summary
 
 
-def load_tensors_file(path: str) -> dict[str, torch.Tensor]:
+# -- files -------------------------------------------------------------------------------------
+def _record(run: Run, row: dict[str, Any]) -> None:
+    """One row of ``metrics.jsonl`` (and of the run's history)."""
+    run.state.history.append(row)
+    if run.main:
+        with open(os.path.join(run.out, "metrics.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _open_metrics(run: Run, resumed: bool) -> None:
+    """``metrics.jsonl`` as of the run's state: empty for a new run; on resume, the rows up to
+    the checkpoint (rows written after it are written again as the steps are replayed)."""
+    if not run.main:
+        return
+    os.makedirs(run.out, exist_ok=True)
+    atomic_write_text(os.path.join(run.out, "labels.json"), json.dumps(run.labels) + "\n")
+    rows = run.state.history if resumed else []
+    atomic_write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _save_adapter(run: Run) -> None:
+    if run.main:
+        directory = os.path.join(run.out, "adapter")
+        run.model.save_pretrained(directory)
+        run.task.after_save(run.model, directory, run.cfg)
+
+
+def _save_checkpoint(run: Run) -> None:
+    """Trainable weights, optimiser, schedule, random state (as of the last step) and the run
+    state, written to a temporary folder and swapped in."""
+    if run.main:
+        run.state.hooks = {"list": [h.state_dict() for h in run.hooks]}
+        path = os.path.join(run.out, CHECKPOINT)
+        os.makedirs(run.out, exist_ok=True)
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        trainable = {n: p.detach().cpu() for n, p in run.model.named_parameters() if p.requires_grad}
+        save_tensors(os.path.join(tmp, "trainable.safetensors"), trainable)
+        torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": run.rng,
+                    "state": dataclasses.asdict(run.state)}, os.path.join(tmp, "state.pt"))
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    run.accelerator.wait_for_everyone()
+
+
+def _read_checkpoint(run: Run) -> dict[str, Any] | None:
+    """The checkpoint of the run's folder, or None; sets the run's state and records from it."""
+    path = os.path.join(run.out, CHECKPOINT)
+    if not os.path.isdir(path):
+        return None
     from safetensors.torch import load_file
 
-    return load_file(path)
+    blob = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    blob["trainable"] = load_file(os.path.join(path, "trainable.safetensors"))
+    run.state = RunState(**blob["state"])
+    if run.state.extra_records:
+        run.use_records(run.state.extra_records)
+    return blob
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def _restore(run: Run, blob: dict[str, Any]) -> None:
+    params = dict(run.model.named_parameters())
+    with torch.no_grad():
+        for name, value in blob["trainable"].items():
+            params[name].copy_(value)
+    run.optimizer.load_state_dict(blob["optimizer"])
+    run.scheduler.load_state_dict(blob["scheduler"])
+    _set_rng_state(blob["rng"])
+    run.rng = blob["rng"]
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what schedulers and ``docker stop`` send) stops the run like Ctrl-C: with a
+    checkpoint. Only the main thread can install handlers; elsewhere nothing changes."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
+# -- the summary -------------------------------------------------------------------------------
 def _fmt(result: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in result.items())
 
 
-def _summary(cfg: RunConfig, model: Any, state: dict[str, Any], adapter_dir: str, started: float, accelerator: Any,
-             unit: str, metric: str) -> dict[str, Any]:
-    trainable, total = model.get_nb_trainable_parameters()
-    adapter_bytes = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir) if f == WEIGHTS_NAME) if os.path.isdir(adapter_dir) else 0
-    after = next((h for h in reversed(state["history"]) if h.get("step") == state["best_step"] and "loss" not in h), None)
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _summary(run: Run) -> dict[str, Any]:
+    state, cfg = run.state, run.cfg
+    adapter_dir = os.path.join(run.out, "adapter")
+    trainable, total = run.model.get_nb_trainable_parameters()
+    weights = os.path.join(adapter_dir, WEIGHTS_NAME)
+    after = next((h for h in reversed(state.history) if h.get("step") == state.best_step and "loss" not in h), None)
     after = {k: v for k, v in after.items() if k != "step"} if after else None
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()
     return {
         "task": cfg.task,
         "model": cfg.model.name,
         "method": cfg.method.get("name"),
-        "steps": state["step"],
-        "metric": metric,
-        "metric_before": state["metric_before"],
+        "steps": state.step,
+        "rounds": state.round + 1,
+        "metric": run.metric,
+        "metric_before": state.metric_before,
         "metric_after": after,
-        "best_step": state["best_step"],
-        "stopped_early": bool(state.get("stopped_early")),
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_share": trainable / max(1, total),
         "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "process_rss",
-        "wall_seconds": time.perf_counter() - started,
-        "train_seconds": state["train_seconds"],
-        "throughput": state["units"] / max(state["train_seconds"], 1e-9),
-        "throughput_unit": f"{unit}/s",
-        "adapter_bytes": adapter_bytes,
-        "processes": accelerator.num_processes,
+        "wall_seconds": time.perf_counter() - run.started,
+        "train_seconds": state.train_seconds,
+        "throughput": state.units / max(state.train_seconds, 1e-9),
+        "throughput_unit": f"{run.task.unit}/s",
+        "adapter_bytes": os.path.getsize(weights) if os.path.isfile(weights) else 0,
+        "processes": run.accelerator.num_processes,
     }
-
-
-def _table(s: dict[str, Any]) -> str:
-    before, after = s["metric_before"] or {}, s["metric_after"] or {}
-    rows = [("method", str(s["method"])), ("steps", str(s["steps"]))]
-    for key in after:
-        rows.append((key, f"{before.get(key, float('nan')):.4f} -> {after[key]:.4f}"))
-    rows += [
-        ("trainable", f"{s['trainable_parameters']:,} / {s['total_parameters']:,} ({100 * s['trainable_share']:.3f}%)"),
-        ("adapter size", f"{s['adapter_bytes'] / 1024:.1f} KiB"),
-        ("wall time", f"{s['wall_seconds']:.1f} s"),
-        ("throughput", f"{s['throughput']:,.1f} {s['throughput_unit']}"),
-        ("peak memory", f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB ({s['peak_memory_kind']})"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def _plot(history: list[dict[str, Any]], path: str, metric: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    from peftkit.core.io import atomic_write
-
-    train = [h for h in history if "loss" in h]
-    evals = [h for h in history if metric in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="training loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if evals:
-        other = ax.twinx()
-        other.plot([h["step"] for h in evals], [h[metric] for h in evals], "o-", color="tab:orange", label=metric)
-        other.set_ylabel(metric)
-    ax.set_title("training curve")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)

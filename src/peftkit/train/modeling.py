@@ -1,4 +1,5 @@
-"""Loading the model and tokenizer a run names."""
+"""Loading the model a run names: transformers folders and hub ids, the ``minilm`` alias,
+factories (``file.py:function``) and checkpoints. Tasks call these; nothing here knows a task."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from typing import Any
 
 import torch
 
-from peftkit.train.config import ConfigError, RunConfig
+from peftkit.train.schema import ConfigError, RunConfig
+from peftkit.train.specs import is_spec, load_object
 
-__all__ = ["MODEL_ALIASES", "build_from_factory", "load_checkpoint", "load_model_and_tokenizer", "load_vision_model", "resolve_model_path", "transformers_source"]
+__all__ = ["MODEL_ALIASES", "build_from_factory", "is_factory", "load_checkpoint", "load_model_and_tokenizer", "resolve_model_path",
+           "transformers_source"]
 
 MODEL_ALIASES = ("minilm",)
 
@@ -41,28 +44,16 @@ def transformers_source(cfg: RunConfig) -> tuple[str, torch.dtype]:
     return path, dtype
 
 
-def load_model_and_tokenizer(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+def load_model_and_tokenizer(cfg: RunConfig, auto_class: str, **kwargs: Any) -> tuple[Any, Any]:
+    """The run's transformers model, loaded with ``transformers.<auto_class>`` (and
+    ``kwargs``), and its tokenizer (padding with the end-of-text token where it has none)."""
+    import transformers
 
     path, dtype = transformers_source(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if cfg.task == "classification":
-        assert labels is not None
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
-            label2id={str(v): i for i, v in enumerate(labels)}, dtype=dtype,
-        )
-    elif cfg.task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+    model = getattr(transformers, auto_class).from_pretrained(path, dtype=dtype, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -71,41 +62,16 @@ def load_model_and_tokenizer(cfg: RunConfig, labels: list[Any] | None) -> tuple[
 # -- models that are not transformers text models ------------------------------------------
 def is_factory(name: str) -> bool:
     """``file.py:function`` or ``package.module:function`` (not a Windows drive path)."""
-    head, sep, tail = name.rpartition(":")
-    return bool(sep) and bool(head) and tail.isidentifier() and len(head) > 1
-
-
-def load_factory(spec: str, base_dir: str = ".") -> Any:
-    """The function ``spec`` names: ``path/to/file.py:function`` or ``module:function``."""
-    import importlib
-    import importlib.util
-
-    target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = target if os.path.isabs(target) or os.path.exists(target) else os.path.join(base_dir, target)
-        if not os.path.isfile(path):
-            raise ConfigError(f"model.name {spec!r}: file {target!r} does not exist")
-        module_name = "peftkit_user_" + os.path.splitext(os.path.basename(path))[0]
-        spec_obj = importlib.util.spec_from_file_location(module_name, path)
-        assert spec_obj is not None and spec_obj.loader is not None
-        module = importlib.util.module_from_spec(spec_obj)
-        spec_obj.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise ConfigError(f"model.name {spec!r}: cannot import {target!r} ({exc})") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"model.name {spec!r}: {target!r} has no function {attr!r}")
-    return fn
+    return is_spec(name)
 
 
 def build_from_factory(spec: str, num_labels: int | None) -> Any:
     """Calls the factory, passing ``num_labels`` when it takes that argument."""
     import inspect
 
-    fn = load_factory(spec)
+    fn = load_object(spec, setting="model.name")
+    if not callable(fn):
+        raise ConfigError(f"model.name {spec!r} is not a function")
     try:
         takes = "num_labels" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -144,97 +110,3 @@ def load_checkpoint(model: torch.nn.Module, path: str, exclude: list[str] | None
     fresh = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape) or excluded(k)]
     model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
     return fresh
-
-
-def load_vision_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
-    """An image classifier and its preprocessing (a function from a PIL image to a tensor).
-
-    ``model.name``: a transformers folder or hub id (``AutoModelForImageClassification``,
-    with a new head for the run's labels), ``timm:<name>``, ``torchvision:<name>``, or a
-    factory ``file.py:function`` / ``module:function`` returning a plain PyTorch module.
-    """
-    from peftkit.train.tasks.image import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessor
-
-    m = cfg.model
-    n = len(labels) if labels else None
-    name = m.name
-    mean, std = m.image_mean, m.image_std
-    size = m.image_size
-    crop_pct = 1.0
-    fresh: list[str] = []
-    if name.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as exc:
-            raise ConfigError("timm models need `pip install timm`") from exc
-        model = timm.create_model(name[5:], pretrained=m.checkpoint is None, num_classes=n or 1000)
-        data_cfg = getattr(model, "pretrained_cfg", {}) or {}
-        size = size or int(data_cfg.get("input_size", (3, 224, 224))[-1])
-        mean, std = mean or list(data_cfg.get("mean", IMAGENET_MEAN)), std or list(data_cfg.get("std", IMAGENET_STD))
-        crop_pct = float(data_cfg.get("crop_pct", 0.875))
-        head = data_cfg.get("classifier")
-        if n and isinstance(head, str):
-            fresh.append(head)
-    elif name.startswith("torchvision:"):
-        try:
-            from torchvision import models as tv_models
-        except ImportError as exc:
-            raise ConfigError("torchvision models need `pip install torchvision`") from exc
-        model = tv_models.get_model(name[12:], weights=None if m.checkpoint else "DEFAULT")
-        fresh += _replace_head(model, n)
-        size, crop_pct = size or 224, 0.875
-    elif is_factory(name):
-        model = build_from_factory(name, n)
-    else:
-        return _transformers_vision(cfg, labels)
-    if m.checkpoint:
-        fresh = sorted({k.rpartition(".")[0] for k in load_checkpoint(model, m.checkpoint, m.checkpoint_exclude)})
-    if size is None:
-        raise ConfigError(f"model.image_size is needed for {name!r}: the input size of the model (e.g. 224)")
-    channels = m.image_channels
-    mean = mean or (list(IMAGENET_MEAN) if channels == 3 else [0.5] * channels)
-    std = std or (list(IMAGENET_STD) if channels == 3 else [0.5] * channels)
-    processor = ImagePreprocessor(size, mean, std, channels, crop_pct)
-    processor.fresh_modules = fresh
-    return model, processor
-
-
-def _replace_head(model: torch.nn.Module, num_labels: int | None) -> list[str]:
-    """A new last linear layer with ``num_labels`` outputs (torchvision classifiers); returns
-    its name when it was replaced."""
-    if num_labels is None:
-        return []
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            last = name
-    if last is None:
-        raise ConfigError(f"{type(model).__name__} has no linear head to replace for {num_labels} classes")
-    old = model.get_submodule(last)
-    if old.out_features == num_labels:
-        return []
-    parent, _, child = last.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, torch.nn.Linear(old.in_features, num_labels))
-    return [last]
-
-
-def _transformers_vision(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    from peftkit.train.tasks.image import _TransformersImageProcessor
-
-    path, dtype = transformers_source(cfg)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if labels:
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
-                      label2id={str(v): i for i, v in enumerate(labels)}, ignore_mismatched_sizes=True)
-    model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
-    if cfg.model.checkpoint:
-        load_checkpoint(model, cfg.model.checkpoint, cfg.model.checkpoint_exclude)
-    try:
-        processor = _TransformersImageProcessor(AutoImageProcessor.from_pretrained(path))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path!r} has no image processor (preprocessor_config.json): {exc}") from exc
-    if labels and isinstance(getattr(model, "classifier", None), torch.nn.Module):
-        processor.fresh_modules = ["classifier"]  # sized for the run's labels
-    return model, processor

@@ -39,5 +39,6 @@ METHOD = register_method(
         is_supported=has_bias,
         create_layer=create_bitfit_layer,
         default_targets=biased_modules,
+        presets={"bitfit": {"method": {"name": "bitfit"}, "train": {"lr": 1e-2}}},
     )
 )

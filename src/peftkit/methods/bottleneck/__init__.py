@@ -51,5 +51,6 @@ METHOD = register_method(
         is_supported=is_linear_like,
         create_layer=create_bottleneck_layer,
         prepare_config=_prepare_config,
+        presets={"adapter": {"method": {"name": "bottleneck"}, "train": {"lr": 1e-3}}},
     )
 )

@@ -29,5 +29,6 @@ METHOD = register_method(
         create_layer=None,
         trainable_base_parameters=_trained_parameters,
         default_targets=lambda model: EVERYTHING,
+        presets={"full": {"method": {"name": "full"}, "train": {"lr": 5e-5}}},
     )
 )

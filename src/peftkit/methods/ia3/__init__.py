@@ -115,5 +115,6 @@ METHOD = register_method(
         is_supported=is_ia3_supported,
         create_layer=create_ia3_layer,
         prepare_config=prepare_ia3_config,  # default targets, written into the saved config
+        presets={"ia3": {"method": {"name": "ia3"}, "train": {"lr": 1e-2}}},
     )
 )

@@ -59,5 +59,6 @@ METHOD = register_method(
         is_supported=is_norm,
         create_layer=create_ln_tuning_layer,
         prepare_config=prepare_ln_tuning_config,  # every norm, written into the saved config
+        presets={"layernorm": {"method": {"name": "ln_tuning"}, "train": {"lr": 5e-3}}},
     )
 )

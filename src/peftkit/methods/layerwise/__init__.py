@@ -58,5 +58,6 @@ METHOD = register_method(
         # With only blocks asked for, every module is a candidate; the blocks are chosen above.
         default_targets=lambda model: EVERYTHING,
         prepare_config=_check,
+        presets={f"top{k}": {"method": {"name": "layerwise", "top_layers": k}, "train": {"lr": 1e-4}} for k in (1, 2, 3, 4)},
     )
 )

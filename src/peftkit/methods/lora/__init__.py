@@ -6,6 +6,7 @@ from torch import nn
 
 from peftkit.core.layer import adapter_layers
 from peftkit.core.registry import Method, register_method
+from peftkit.methods.lora.adaptive import AdaptiveOptions, adaptive_training
 from peftkit.methods.lora.combine import add_weighted_lora
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layer import SUPPORTED, LoraLayer, check_lora_target, create_lora_layer, is_lora_supported
@@ -66,6 +67,13 @@ METHOD = register_method(
         check_target=check_lora_target,
         trainable_base_parameters=_trained_biases,
         prepare_config=_prepare_config,
+        training_hooks=adaptive_training,
+        training_options=AdaptiveOptions,
+        presets={
+            "lora": {"method": {"name": "lora", "r": 8, "lora_alpha": 16}, "train": {"lr": 1e-3}},
+            "dora": {"method": {"name": "lora", "r": 8, "lora_alpha": 16, "use_dora": True}, "train": {"lr": 1e-3}},
+            "adaptive_lora": {"method": {"name": "lora", "r": 12, "lora_alpha": 24, "adaptive_target_r": 4}, "train": {"lr": 1e-3}},
+        },
         extra={"combine": add_weighted_lora},
     )
 )

@@ -13,14 +13,17 @@ the switched-off components out, so the adapter is a plain LoRA adapter with a p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from peftkit.core.layer import adapter_layers
+from peftkit.core.training import TrainingContext, TrainingHooks
 from peftkit.methods.lora.layer import LoraLayer
 
-__all__ = ["RankAllocator"]
+__all__ = ["AdaptiveOptions", "AdaptiveRankHooks", "RankAllocator", "adaptive_training"]
 
 
 class RankAllocator:
@@ -156,3 +159,63 @@ class RankAllocator:
         }
         config.r = max(ranks.values())
         return ranks
+
+
+# -- as training hooks of the LoRA method (``method: {name: lora, adaptive_target_r: 4}``) --
+@dataclass
+class AdaptiveOptions:
+    """Run-config options of adaptive LoRA.
+
+    Args:
+        adaptive_target_r: the mean rank per module at the end of the run; None: off.
+        adaptive_interval: prune every this many optimiser steps.
+    """
+
+    adaptive_target_r: int | None = None
+    adaptive_interval: int = 10
+
+    def __post_init__(self) -> None:
+        if self.adaptive_target_r is not None and self.adaptive_target_r < 1:
+            raise ValueError(f"adaptive_target_r must be at least 1, got {self.adaptive_target_r}")
+        if self.adaptive_interval < 1:
+            raise ValueError(f"adaptive_interval must be at least 1, got {self.adaptive_interval}")
+
+
+class AdaptiveRankHooks(TrainingHooks):
+    """Runs a :class:`RankAllocator` through a training loop and cuts the adapter to its
+    budget at the end (the run's result is then the final, pruned adapter)."""
+
+    def __init__(self, options: AdaptiveOptions) -> None:
+        self.options = options
+        self.allocator: RankAllocator | None = None
+        self._restored: dict[str, Any] | None = None
+
+    def before_training(self, ctx: TrainingContext) -> None:
+        self.allocator = RankAllocator(ctx.model, self.options.adaptive_target_r or 0, ctx.total_steps,
+                                       interval=self.options.adaptive_interval)
+        if self._restored:
+            for key in ("masks", "mean", "uncertainty"):
+                getattr(self.allocator, key).update(self._restored[key])
+
+    def after_optimizer_step(self, ctx: TrainingContext) -> None:
+        assert self.allocator is not None
+        self.allocator.step(ctx.step - 1)  # the step just taken, counted from 0
+
+    def after_training(self, ctx: TrainingContext) -> bool:
+        assert self.allocator is not None
+        ranks = self.allocator.finalize()
+        ctx.log(f"adaptive LoRA: {sum(ranks.values())} rank components over {len(ranks)} modules")
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.allocator is None:
+            return {}
+        return {key: dict(getattr(self.allocator, key)) for key in ("masks", "mean", "uncertainty")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = state or None
+
+
+def adaptive_training(config: Any, options: AdaptiveOptions) -> AdaptiveRankHooks | None:
+    """LoRA's training hooks: adaptive rank allocation when ``adaptive_target_r`` is set."""
+    return AdaptiveRankHooks(options) if options.adaptive_target_r else None

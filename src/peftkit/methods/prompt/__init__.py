@@ -69,7 +69,7 @@ def _no_module(_module: nn.Module) -> bool:
     return False
 
 
-def _register(peft_type: str, config_cls: Any, description: str) -> Method:
+def _register(peft_type: str, config_cls: Any, description: str, presets: dict[str, Any] | None = None) -> Method:
     return register_method(
         Method(
             peft_type=peft_type,
@@ -81,13 +81,18 @@ def _register(peft_type: str, config_cls: Any, description: str) -> Method:
             create_model_adapter=create_prompt_adapter,
             # PEFT writes module tensors of these methods (a classification head) as `base_model.<path>`.
             file_key_prefix="base_model.",
+            presets=presets or {},
         )
     )
 
 
-PROMPT_TUNING = _register("PROMPT_TUNING", PromptTuningConfig, "Prompt tuning: learned embeddings placed before the input")
+PROMPT_TUNING = _register(
+    "PROMPT_TUNING", PromptTuningConfig, "Prompt tuning: learned embeddings placed before the input",
+    {"prompt": {"method": {"name": "prompt_tuning", "num_virtual_tokens": 20}, "train": {"lr": 3e-2}}},
+)
 PREFIX_TUNING = _register(
-    "PREFIX_TUNING", PrefixTuningConfig, "Prefix tuning: learned keys/values before every attention layer's"
+    "PREFIX_TUNING", PrefixTuningConfig, "Prefix tuning: learned keys/values before every attention layer's",
+    {"prefix": {"method": {"name": "prefix_tuning", "num_virtual_tokens": 20}, "train": {"lr": 1e-2}}},
 )
 P_TUNING = _register(
     "P_TUNING", PromptEncoderConfig, "P-tuning: virtual tokens produced by a small MLP/LSTM prompt encoder"

@@ -7,6 +7,7 @@ size is about count × 12 bytes (float32 values).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from peftkit.core.layer import adapter_layers
 from peftkit.core.registry import Method, register_method
 from peftkit.core.targeting import find_targets
+from peftkit.core.training import TrainingContext, TrainingHooks
 from peftkit.integrations.transformers import is_linear_like
 from peftkit.methods.sparse.config import SparseConfig
 from peftkit.methods.sparse.layer import SUPPORTED, SparseLayer, create_sparse_layer
@@ -99,6 +101,43 @@ def calibrate(
         layer.sparse_values[name].requires_grad_(not model.peft_config[name].inference_mode if hasattr(model, "peft_config") else True)
 
 
+@dataclass
+class CalibrationOptions:
+    """Run-config options of sparse fine-tuning.
+
+    Args:
+        calibration_batches: training batches whose squared gradients choose the trained
+            entries when ``selection`` is ``"fisher"``.
+    """
+
+    calibration_batches: int = 8
+
+    def __post_init__(self) -> None:
+        if self.calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be at least 1, got {self.calibration_batches}")
+
+
+class FisherCalibration(TrainingHooks):
+    """Chooses the trained entries by Fisher information before the first step. The pass runs
+    with dropout off, so the choice is the same on every run (and on resume) for one seed."""
+
+    def __init__(self, options: CalibrationOptions) -> None:
+        self.options = options
+
+    def before_training(self, ctx: TrainingContext) -> None:
+        was_training = ctx.model.training
+        ctx.model.eval()
+        try:
+            calibrate(ctx.model, ctx.batches(self.options.calibration_batches), loss_fn=ctx.loss)
+        finally:
+            ctx.model.train(was_training)
+        ctx.log(f"sparse: entries chosen by Fisher information over {self.options.calibration_batches} batches")
+
+
+def _training_hooks(config: SparseConfig, options: CalibrationOptions) -> FisherCalibration | None:
+    return FisherCalibration(options) if config.selection == "fisher" else None
+
+
 METHOD = register_method(
     Method(
         peft_type="SPARSE",
@@ -108,5 +147,8 @@ METHOD = register_method(
         is_supported=_supported,
         create_layer=create_sparse_layer,
         prepare_config=_prepare_config,
+        training_hooks=_training_hooks,
+        training_options=CalibrationOptions,
+        presets={"sparse": {"method": {"name": "sparse", "density": 0.01}, "train": {"lr": 1e-3}}},
     )
 )

@@ -16,13 +16,15 @@ import io
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from peftkit.train.config import ConfigError, DataSection, RunConfig
+from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import (
+    CheckpointModel,
     Batch,
     Item,
     Task,
@@ -284,8 +286,19 @@ def load_audio_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Aud
     return model, AudioProcessor(extractor, use_mask, cfg.data.max_audio_seconds)
 
 
+@dataclass
+class AudioData(DataSection):
+    """``max_audio_seconds``: clips longer than this are cut to their first seconds."""
+
+    audio_column: str = "audio"
+    label_column: str = "label"
+    max_audio_seconds: float | None = None
+
+
 class AudioClassificationTask(Task):
     name = "audio_classification"
+    model_options = CheckpointModel
+    data_options = AudioData
     task_type = None  # Hugging Face PEFT's task types are for text models
     default_metric = "accuracy"
     unit = "clips"
@@ -364,6 +377,9 @@ class AudioClassificationTask(Task):
 
     def loss(self, model: Any, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, batch).float(), batch["labels"])
+
+    def class_probabilities(self, model: Any, batch: Batch) -> torch.Tensor:
+        return torch.softmax(self.logits(model, batch).float(), dim=-1)
 
     def eval_batch(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
         logits = self.logits(model, batch)

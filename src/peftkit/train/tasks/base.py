@@ -8,13 +8,30 @@ interface; each task (text, images, audio, ...) lives in its own module.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from peftkit.train.config import ConfigError, DataSection, RunConfig
+from peftkit.train.schema import ConfigError, DataSection, ModelSection, RunConfig, path_field
 
-__all__ = ["Task", "add_class_labels", "class_encoder", "classification_metrics", "infer_labels", "logits_of", "require_column", "to_device"]
+__all__ = ["CheckpointModel", "Task", "add_class_labels", "class_encoder", "classification_metrics", "infer_labels", "logits_of",
+           "require_column", "to_device"]
+
+
+@dataclass
+class CheckpointModel(ModelSection):
+    """A model section for tasks that can load weights into the model after it is built.
+
+    Args:
+        checkpoint: safetensors or a torch state dict; tensors whose shape differs (a new
+            classification head) keep their fresh values.
+        checkpoint_exclude: modules (names or dotted suffixes) whose checkpoint weights are
+            not loaded: a head re-initialised for the new task even when its shape matches.
+    """
+
+    checkpoint: str | None = path_field(None)
+    checkpoint_exclude: list[str] | None = None
 
 Item = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -104,9 +121,16 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 class Task:
-    """One kind of training run. Subclasses fill in the data, model and loss parts."""
+    """One kind of training run. Subclasses fill in the data, model and loss parts, and
+    declare the fields their ``model`` and ``data`` sections take (subclasses of
+    :class:`ModelSection` and :class:`DataSection`) and, optionally, options of their own
+    (``task: {name: ..., option: value}``)."""
 
     name = ""
+    model_options: ClassVar[type[ModelSection]] = ModelSection
+    data_options: ClassVar[type[DataSection]] = DataSection
+    #: a dataclass of the task's own options, or None
+    options: ClassVar[type | None] = None
     #: the adapter config's ``task_type`` (what Hugging Face PEFT calls it), or None
     task_type: str | None = None
     #: the validation metric that picks the best checkpoint unless ``train.metric`` is set
@@ -229,7 +253,19 @@ class Task:
 
     def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
         """Records from lines of standard input (``peftkit predict`` without ``--input``)."""
-        return [{cfg.data.text_column: line, cfg.data.prompt_column: line} for line in lines]
+        raise ConfigError(f"task {self.name!r} reads no records from standard input; give --input FILE")
+
+    # -- class labels (for extensions such as self-training) ----------------------------------
+    def class_probabilities(self, model: Any, batch: Batch) -> torch.Tensor:
+        """``(batch, classes)`` probabilities of each class, for tasks with class labels."""
+        raise ConfigError(f"task {self.name!r} does not predict class probabilities")
+
+    def with_label(self, record: dict[str, Any], label: Any, data: DataSection) -> dict[str, Any]:
+        """``record`` labelled ``label`` (a value of :meth:`labels`)."""
+        column = getattr(data, "label_column", None)
+        if column is None:
+            raise ConfigError(f"task {self.name!r} has no label column")
+        return {**record, column: label}
 
 
 def _device_of(model: Any) -> torch.device:

@@ -19,13 +19,15 @@ probability mass on them. Without duplicates this is CLIP's loss exactly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from peftkit.train.config import ConfigError, DataSection, RunConfig
+from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import (
+    CheckpointModel,
     Batch,
     Item,
     LabelIds,
@@ -174,8 +176,28 @@ class ClipCollator:
         return batch
 
 
+@dataclass
+class ClipModel(CheckpointModel):
+    """``max_length``: captions are cut to this many tokens (and to the model's positions)."""
+
+    max_length: int = 128
+
+
+@dataclass
+class ClipData(DataSection):
+    """Records hold an image and a caption, or a label that ``caption_template`` turns into
+    one (also the zero-shot class prompt)."""
+
+    image_column: str = "image"
+    caption_column: str = "caption"
+    label_column: str = "label"
+    caption_template: str = "a photo of a {label}."
+
+
 class ClipTask(Task):
     name = "clip"
+    model_options = ClipModel
+    data_options = ClipData
     task_type = None  # Hugging Face PEFT has no task type for dual encoders
     default_metric = "accuracy"  # zero-shot accuracy; eval_loss for data without labels
     unit = "images"

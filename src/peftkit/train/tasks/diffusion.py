@@ -28,13 +28,14 @@ import types
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.train.config import ConfigError, DataSection, RunConfig
+from peftkit.train.schema import ConfigError, DataSection, ModelSection, RunConfig
 from peftkit.train.tasks.base import Batch, Item, Task, require_column
 from peftkit.train.tasks.image import ImagePreprocessor, load_image, read_image_folder, read_image_table
 
@@ -187,10 +188,26 @@ def load_pipeline_parts(path: str, dtype: torch.dtype) -> dict[str, Any]:
         raise ConfigError(f"model.name {path!r}: the diffusers pipeline could not be loaded: {exc}") from exc
 
 
+@dataclass
+class DiffusionModel(ModelSection):
+    """``name``: a diffusers pipeline folder; ``image_size``: training resolution (default: the
+    UNet's sample size times the VAE's scale)."""
+
+    image_size: int | None = None
+
+
+@dataclass
+class DiffusionData(DataSection):
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+
 class TextToImageTask(Task):
     """LoRA (or another method) on the UNet, optionally the text encoder, of a diffusion pipeline."""
 
     name = "text_to_image"
+    model_options = DiffusionModel
+    data_options = DiffusionData
     task_type = None
     default_metric = "eval_loss"
     unit = "images"
@@ -267,17 +284,14 @@ class TextToImageTask(Task):
         from peftkit.integrations.diffusers import DiffusersLoraError, save_lora_weights
         from peftkit.methods.lora.layer import LoraLayer
 
-        config = next(iter(model.peft_config.values()), None)
-        if config is None or config.peft_type != "LORA":
-            return  # only LoRA has a diffusers file format
         base = model.get_base_model()
-        parts = {}
-        for part in ("unet", "text_encoder"):
-            module = getattr(base, part)
-            if any(isinstance(m, LoraLayer) for m in module.modules()):
-                parts[part] = module
+        parts = {part: getattr(base, part) for part in ("unet", "text_encoder")
+                 if any(isinstance(m, LoraLayer) for m in getattr(base, part).modules())}
+        if not parts:
+            return  # only LoRA layers have a diffusers file format
+        config = next(iter(model.peft_config.values()))
         try:
-            if config.bias != "none" or config.modules_to_save:
+            if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
                 raise DiffusersLoraError("bias or modules_to_save were trained; a diffusers LoRA file holds LoRA factors only")
             save_lora_weights(directory, **parts, adapter_name=next(iter(model.peft_config)))
         except DiffusersLoraError as exc:

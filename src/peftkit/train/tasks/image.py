@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from peftkit.train.config import ConfigError, DataSection, RunConfig
+from peftkit.train.modeling import build_from_factory, is_factory, load_checkpoint, transformers_source
+from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import (
     Batch,
+    CheckpointModel,
     Item,
     Task,
     add_class_labels,
@@ -123,8 +126,27 @@ def read_image_table(path: str, image_column: str) -> list[dict[str, Any]]:
     return records
 
 
+@dataclass
+class ImageModel(CheckpointModel):
+    """Image preprocessing for models without a transformers image processor (plain PyTorch,
+    torchvision; timm models bring their own): square size, per-channel mean and std."""
+
+    image_size: int | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    image_channels: int = 3
+
+
+@dataclass
+class ImageData(DataSection):
+    image_column: str = "image"
+    label_column: str = "label"
+
+
 class ImageClassificationTask(Task):
     name = "image_classification"
+    model_options = ImageModel
+    data_options = ImageData
     task_type = None  # the adapter's task is not needed by any image-model method
     default_metric = "accuracy"
     unit = "images"
@@ -149,9 +171,7 @@ class ImageClassificationTask(Task):
         return labels
 
     def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
-        from peftkit.train.modeling import load_vision_model
-
-        return load_vision_model(cfg, labels)
+        return load_image_model(cfg, labels)
 
     def head_modules(self, model: Any, processor: Any) -> list[str]:
         return list(getattr(processor, "fresh_modules", []))
@@ -171,6 +191,9 @@ class ImageClassificationTask(Task):
 
     def loss(self, model: Any, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, batch), batch["labels"])
+
+    def class_probabilities(self, model: Any, batch: Batch) -> torch.Tensor:
+        return torch.softmax(self.logits(model, batch).float(), dim=-1)
 
     def eval_batch(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
         logits = self.logits(model, batch)
@@ -212,3 +235,94 @@ def call_with_pixels(model: Any, pixels: torch.Tensor) -> Any:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), pixels.dtype)
     pixels = pixels.to(dtype)
     return model(pixel_values=pixels) if takes_keyword(model, "pixel_values") else model(pixels)
+
+
+# -- the models an image task loads ---------------------------------------------------------
+def load_image_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
+    """An image classifier and its preprocessing (a function from a PIL image to a tensor).
+
+    ``model.name``: a transformers folder or hub id (``AutoModelForImageClassification``,
+    with a new head for the run's labels), ``timm:<name>``, ``torchvision:<name>``, or a
+    factory ``file.py:function`` / ``module:function`` returning a plain PyTorch module.
+    """
+    m = cfg.model
+    n = len(labels) if labels else None
+    name = m.name
+    mean, std = m.image_mean, m.image_std
+    size = m.image_size
+    crop_pct = 1.0
+    fresh: list[str] = []
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise ConfigError("timm models need `pip install timm`") from exc
+        model = timm.create_model(name[5:], pretrained=m.checkpoint is None, num_classes=n or 1000)
+        data_cfg = getattr(model, "pretrained_cfg", {}) or {}
+        size = size or int(data_cfg.get("input_size", (3, 224, 224))[-1])
+        mean, std = mean or list(data_cfg.get("mean", IMAGENET_MEAN)), std or list(data_cfg.get("std", IMAGENET_STD))
+        crop_pct = float(data_cfg.get("crop_pct", 0.875))
+        head = data_cfg.get("classifier")
+        if n and isinstance(head, str):
+            fresh.append(head)
+    elif name.startswith("torchvision:"):
+        try:
+            from torchvision import models as tv_models
+        except ImportError as exc:
+            raise ConfigError("torchvision models need `pip install torchvision`") from exc
+        model = tv_models.get_model(name[12:], weights=None if m.checkpoint else "DEFAULT")
+        fresh += _replace_head(model, n)
+        size, crop_pct = size or 224, 0.875
+    elif is_factory(name):
+        model = build_from_factory(name, n)
+    else:
+        return _transformers_vision(cfg, labels)
+    if m.checkpoint:
+        fresh = sorted({k.rpartition(".")[0] for k in load_checkpoint(model, m.checkpoint, m.checkpoint_exclude)})
+    if size is None:
+        raise ConfigError(f"model.image_size is needed for {name!r}: the input size of the model (e.g. 224)")
+    channels = m.image_channels
+    mean = mean or (list(IMAGENET_MEAN) if channels == 3 else [0.5] * channels)
+    std = std or (list(IMAGENET_STD) if channels == 3 else [0.5] * channels)
+    processor = ImagePreprocessor(size, mean, std, channels, crop_pct)
+    processor.fresh_modules = fresh
+    return model, processor
+
+
+def _replace_head(model: torch.nn.Module, num_labels: int | None) -> list[str]:
+    """A new last linear layer with ``num_labels`` outputs (torchvision classifiers); returns
+    its name when it was replaced."""
+    if num_labels is None:
+        return []
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            last = name
+    if last is None:
+        raise ConfigError(f"{type(model).__name__} has no linear head to replace for {num_labels} classes")
+    old = model.get_submodule(last)
+    if old.out_features == num_labels:
+        return []
+    parent, _, child = last.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, torch.nn.Linear(old.in_features, num_labels))
+    return [last]
+
+
+def _transformers_vision(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    path, dtype = transformers_source(cfg)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if labels:
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
+                      label2id={str(v): i for i, v in enumerate(labels)}, ignore_mismatched_sizes=True)
+    model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
+    if cfg.model.checkpoint:
+        load_checkpoint(model, cfg.model.checkpoint, cfg.model.checkpoint_exclude)
+    try:
+        processor = _TransformersImageProcessor(AutoImageProcessor.from_pretrained(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path!r} has no image processor (preprocessor_config.json): {exc}") from exc
+    if labels and isinstance(getattr(model, "classifier", None), torch.nn.Module):
+        processor.fresh_modules = ["classifier"]  # sized for the run's labels
+    return model, processor

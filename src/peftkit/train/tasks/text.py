@@ -5,45 +5,93 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from peftkit.train.config import ConfigError, DataSection, RunConfig
+from peftkit.train.schema import ConfigError, DataSection, ModelSection, RunConfig
 from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, infer_labels, logits_of, require_column
 
-__all__ = ["CausalLMTask", "Collator", "Encoder", "Seq2SeqTask", "TextClassificationTask"]
+__all__ = ["CausalLMData", "CausalLMEncoder", "CausalLMTask", "ClassificationData", "ClassificationEncoder", "Collator",
+           "Seq2SeqData", "Seq2SeqEncoder", "Seq2SeqTask", "TextClassificationTask", "TextModel"]
 
 IGNORE_INDEX = -100
 
 
-class Encoder:
-    """Turns records into token ids (and labels) for one text task."""
+@dataclass
+class TextModel(ModelSection):
+    """``max_length``: inputs are cut to this many tokens."""
 
-    def __init__(self, task: str, tokenizer: Any, data: DataSection, max_length: int, labels: list[Any] | None) -> None:
-        self.task, self.tok, self.data, self.max_length = task, tokenizer, data, max_length
+    max_length: int = 128
+
+
+@dataclass
+class ClassificationData(DataSection):
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+
+
+@dataclass
+class CausalLMData(DataSection):
+    """Records hold plain text (``text_column``), a prompt and a response (the loss covers the
+    response only), or chat messages ending with the assistant's (the loss covers that one)."""
+
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+
+
+@dataclass
+class Seq2SeqData(DataSection):
+    text_column: str = "text"
+    target_column: str = "target"
+
+
+class ClassificationEncoder:
+    """A record's text (and text pair) as token ids, and its class id when it has a label."""
+
+    def __init__(self, tokenizer: Any, data: ClassificationData, max_length: int, labels: list[Any] | None) -> None:
+        self.tok, self.data, self.max_length = tokenizer, data, max_length
         self.label_id = LabelIds(labels)
+
+    def __call__(self, record: dict[str, Any]) -> Item:
+        d = self.data
+        pair = record.get(d.text_pair_column) if d.text_pair_column else None
+        enc = self.tok(str(record[d.text_column]), str(pair) if pair is not None else None, truncation=True, max_length=self.max_length)
+        item = {"input_ids": enc["input_ids"]}
+        if "token_type_ids" in enc:
+            item["token_type_ids"] = enc["token_type_ids"]
+        if d.label_column in record:
+            item["labels"] = self.label_id(record[d.label_column])
+        return item
+
+
+class Seq2SeqEncoder:
+    """Source and target texts as token ids."""
+
+    def __init__(self, tokenizer: Any, data: Seq2SeqData, max_length: int) -> None:
+        self.tok, self.data, self.max_length = tokenizer, data, max_length
+
+    def __call__(self, record: dict[str, Any]) -> Item:
+        d = self.data
+        src = self.tok(str(record[d.text_column]), truncation=True, max_length=self.max_length)["input_ids"]
+        tgt = self.tok(text_target=str(record[d.target_column]), truncation=True, max_length=self.max_length)["input_ids"]
+        return {"input_ids": src, "labels": tgt}
+
+
+class CausalLMEncoder:
+    """Token ids and labels for causal language modelling; prompt tokens get no loss."""
+
+    def __init__(self, tokenizer: Any, data: CausalLMData, max_length: int) -> None:
+        self.tok, self.data, self.max_length = tokenizer, data, max_length
 
     def __call__(self, record: dict[str, Any]) -> Item:
         return self.encode(record)
 
     def encode(self, record: dict[str, Any]) -> Item:
-        d = self.data
-        if self.task == "classification":
-            pair = record.get(d.text_pair_column) if d.text_pair_column else None
-            enc = self.tok(str(record[d.text_column]), str(pair) if pair is not None else None, truncation=True, max_length=self.max_length)
-            item = {"input_ids": enc["input_ids"]}
-            if "token_type_ids" in enc:
-                item["token_type_ids"] = enc["token_type_ids"]
-            item["labels"] = self.label_id(record[d.label_column])
-            return item
-        if self.task == "seq2seq":
-            src = self.tok(str(record[d.text_column]), truncation=True, max_length=self.max_length)["input_ids"]
-            tgt = self.tok(text_target=str(record[d.target_column]), truncation=True, max_length=self.max_length)["input_ids"]
-            return {"input_ids": src, "labels": tgt}
-        return self._encode_causal(record)
-
-    def _encode_causal(self, record: dict[str, Any]) -> Item:
         d = self.data
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         if d.messages_column in record:
@@ -73,10 +121,11 @@ class Encoder:
 
 
 class Collator:
-    """Pads a list of encoded items to the longest one (dynamic padding)."""
+    """Pads a list of encoded items to the longest one (dynamic padding). Labels are one
+    class id per item (``class_labels``) or one token id per position."""
 
-    def __init__(self, pad_id: int, task: str) -> None:
-        self.pad_id, self.task = pad_id, task
+    def __init__(self, pad_id: int, class_labels: bool) -> None:
+        self.pad_id, self.class_labels = pad_id, class_labels
 
     def __call__(self, items: Sequence[Item]) -> Batch:
         longest = max(len(i["input_ids"]) for i in items)
@@ -94,7 +143,7 @@ class Collator:
                 types[row, : len(item["token_type_ids"])] = torch.tensor(item["token_type_ids"])
             batch["token_type_ids"] = types
         if "labels" in items[0]:
-            if self.task == "classification":
+            if self.class_labels:
                 batch["labels"] = torch.tensor([i["labels"] for i in items], dtype=torch.long)
             else:
                 width = max(len(i["labels"]) for i in items)
@@ -107,17 +156,23 @@ class Collator:
 
 class _TextTask(Task):
     unit = "tokens"
+    model_options = TextModel
+    #: the transformers auto class the task's model loads with
+    auto_class = "AutoModel"
+    #: whether labels are one class id per example (else one token id per position)
+    class_labels = False
 
     def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
         from peftkit.train.modeling import load_model_and_tokenizer
 
-        return load_model_and_tokenizer(cfg, labels)
+        return load_model_and_tokenizer(cfg, self.auto_class, **self.model_kwargs(labels))
 
-    def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> Encoder:
-        return Encoder(self.name, processor, cfg.data, cfg.model.max_length, labels)
+    def model_kwargs(self, labels: list[Any] | None) -> dict[str, Any]:
+        """Keyword arguments of the auto class's ``from_pretrained`` for this run."""
+        return {}
 
     def collator(self, cfg: RunConfig, processor: Any) -> Collator:
-        return Collator(processor.pad_token_id if processor.pad_token_id is not None else 0, self.name)
+        return Collator(processor.pad_token_id if processor.pad_token_id is not None else 0, self.class_labels)
 
     def length(self, item: Item) -> int:
         return len(item["input_ids"])
@@ -126,7 +181,10 @@ class _TextTask(Task):
         return int(batch["attention_mask"].sum())
 
     def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
-        return str(record.get(cfg.data.text_column, record.get(cfg.data.prompt_column, "")))
+        return str(record.get(cfg.data.text_column, ""))
+
+    def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
+        return [{cfg.data.text_column: line} for line in lines]
 
     def _texts(self, records: list[dict[str, Any]], cfg: RunConfig) -> list[str]:
         return [self.describe(r, cfg) for r in records]
@@ -136,6 +194,17 @@ class TextClassificationTask(_TextTask):
     name = "classification"
     task_type = "SEQ_CLS"
     default_metric = "accuracy"
+    data_options = ClassificationData
+    auto_class = "AutoModelForSequenceClassification"
+    class_labels = True
+
+    def model_kwargs(self, labels: list[Any] | None) -> dict[str, Any]:
+        labels = labels or []
+        return {"num_labels": len(labels), "id2label": dict(enumerate(map(str, labels))),
+                "label2id": {str(v): i for i, v in enumerate(labels)}}
+
+    def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> ClassificationEncoder:
+        return ClassificationEncoder(processor, cfg.data, cfg.model.max_length, labels)
 
     def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
         require_column(records, data.text_column, path, "data.text_column")
@@ -151,6 +220,10 @@ class TextClassificationTask(_TextTask):
         n = len(batch["labels"])
         return out.loss.detach().double() * n, n, logits_of(out).argmax(-1), batch["labels"]
 
+    def class_probabilities(self, model: Any, batch: Batch) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return torch.softmax(logits_of(model(**inputs)).float(), dim=-1)
+
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
                 labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
         texts = self._texts(records, cfg)
@@ -164,13 +237,17 @@ class TextClassificationTask(_TextTask):
 
 
 class _GenerativeTask(_TextTask):
+    #: whether the model's output repeats the prompt before the generated tokens, and its
+    #: loss predicts each label from the position before it (decoder-only models)
+    decoder_only = False
+
     def extra_metrics(self, result: dict[str, float]) -> dict[str, float]:
         return {"perplexity": math.exp(min(result["eval_loss"], 50.0))}
 
     def eval_batch(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
         out = model(**batch)
         # the loss is a mean over the predicted tokens: weight each batch by their number
-        shift = len(batch["labels"]) if self.name == "causal_lm" else 0
+        shift = len(batch["labels"]) if self.decoder_only else 0
         tokens = max(int((batch["labels"] != IGNORE_INDEX).sum()) - shift, 1)
         return out.loss.detach().double() * tokens, tokens, None, None
 
@@ -183,7 +260,7 @@ class _GenerativeTask(_TextTask):
             enc = processor(chunk, padding=True, return_tensors="pt")
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=options.get("max_new_tokens", 32), do_sample=False)
-            if self.name == "causal_lm":
+            if self.decoder_only:
                 out = out[:, enc["input_ids"].shape[1] :]
             for text, ids in zip(chunk, out, strict=True):
                 yield f"{text}\t{processor.decode(ids, skip_special_tokens=True)}"
@@ -192,6 +269,12 @@ class _GenerativeTask(_TextTask):
 class CausalLMTask(_GenerativeTask):
     name = "causal_lm"
     task_type = "CAUSAL_LM"
+    data_options = CausalLMData
+    auto_class = "AutoModelForCausalLM"
+    decoder_only = True
+
+    def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> CausalLMEncoder:
+        return CausalLMEncoder(processor, cfg.data, cfg.model.max_length)
 
     def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
         if records and not any(c in records[0] for c in (data.text_column, data.prompt_column, data.messages_column)):
@@ -200,10 +283,21 @@ class CausalLMTask(_GenerativeTask):
                 f"{data.response_column!r} columns, or a {data.messages_column!r} column; found {sorted(records[0])}"
             )
 
+    def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
+        return str(record.get(cfg.data.text_column, record.get(cfg.data.prompt_column, "")))
+
+    def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
+        return [{cfg.data.prompt_column: line} for line in lines]
+
 
 class Seq2SeqTask(_GenerativeTask):
     name = "seq2seq"
     task_type = "SEQ_2_SEQ_LM"
+    data_options = Seq2SeqData
+    auto_class = "AutoModelForSeq2SeqLM"
+
+    def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> Seq2SeqEncoder:
+        return Seq2SeqEncoder(processor, cfg.data, cfg.model.max_length)
 
     def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
         require_column(records, data.text_column, path, "data.text_column")

@@ -1,0 +1,69 @@
+"""A run's parts built from its config (task, model, processor, encoder, collator), and a
+finished run loaded back from its folder. Shared by the loop, ``compare`` and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from peftkit.train.config import build_config
+from peftkit.train.plugins import get_task
+from peftkit.train.schema import ConfigError, RunConfig
+
+__all__ = ["Prepared", "load_run"]
+
+
+class Prepared:
+    """A run's task with its model, processor, encoder and collator, built from the config."""
+
+    def __init__(self, cfg: RunConfig, labels: list[Any] | None) -> None:
+        self.cfg = cfg
+        self.task = get_task(cfg.task)
+        self.labels = labels
+        self.model, self.processor = self.task.load(cfg, labels)
+        self.encode = self.task.encoder(cfg, self.processor, labels)
+        self.collate = self.task.collator(cfg, self.processor)
+
+    def with_heads(self, peft_config: Any) -> Any:
+        """``peft_config`` with the task's fresh head modules added to its ``modules_to_save``."""
+        heads = self.task.head_modules(self.model, self.processor)
+        targets = getattr(peft_config, "target_modules", None)
+        named = [targets] if isinstance(targets, str) else list(targets or [])
+        heads = [h for h in heads if h not in named]  # a method told to train the head in place does so
+        if heads and hasattr(peft_config, "modules_to_save"):
+            wanted = list(peft_config.modules_to_save or [])
+            peft_config.modules_to_save = wanted + [h for h in heads if h not in wanted]
+        return peft_config
+
+    def encode_all(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self.encode(r) for r in records]
+
+    def evaluate(self, model: Any, items: list[dict[str, Any]], accelerator: Any = None) -> dict[str, float]:
+        return self.task.evaluate(model, items, self.collate, self.cfg.train.eval_batch_size, accelerator)
+
+    @property
+    def metric(self) -> str:
+        return self.cfg.train.metric or self.task.metric_for(self.labels)
+
+
+def load_run(run_dir: str) -> tuple[Prepared, Any]:
+    """A finished run: its task parts (config, base model, processor, labels) and the base
+    model with the trained adapter."""
+    import yaml
+
+    from peftkit import PeftModel
+
+    config_path = os.path.join(run_dir, "config.yaml")
+    adapter_dir = os.path.join(run_dir, "adapter")
+    if not os.path.isfile(config_path) or not os.path.isdir(adapter_dir):
+        raise ConfigError(f"{run_dir!r} is not a finished run folder (config.yaml and adapter/ expected)")
+    with open(config_path, encoding="utf-8") as fh:
+        cfg = build_config(yaml.safe_load(fh))
+    labels = None
+    labels_path = os.path.join(run_dir, "labels.json")
+    if os.path.isfile(labels_path):
+        with open(labels_path, encoding="utf-8") as fh:
+            labels = json.load(fh)
+    run = Prepared(cfg, labels)
+    return run, PeftModel.from_pretrained(run.model, adapter_dir)
