@@ -18,6 +18,7 @@ from peftkit.cli import main as cli_main
 from peftkit.train import ConfigError, run_training
 from peftkit.train.config import build_config
 from peftkit.train.data import prepare_task_data
+from peftkit.train.plugins import get_task
 from peftkit.train.run import Prepared
 from peftkit.train.tasks.clip import contrastive_loss, image_embeddings, text_embeddings
 
@@ -147,7 +148,7 @@ def test_saved_adapter_reloads_exactly_and_scores_as_reported(ws, pairs_run):
     assert not torch.allclose(first[0], base_images) and not torch.allclose(first[1], base_texts)
     # the saved adapter is the best evaluation's model: `peftkit eval` reproduces its metrics
     cfg = build_config(json.loads(json.dumps(_raw(ws, out))))
-    data = prepare_task_data(cfg.task, cfg.data, 0)
+    data = prepare_task_data(get_task(cfg.task), cfg.data, 0)
     run = Prepared(cfg, data.labels)
     result = run.evaluate(PeftModel.from_pretrained(run.model, out / "adapter"), run.encode_all(data.validation))
     for key, value in summary["metric_after"].items():
@@ -198,7 +199,7 @@ def test_image_folder_captions_come_from_the_template(ws, tmp_path):
     raw = _raw(ws, tmp_path, data={"train": ws["folder"], "validation": ws["folder"], "caption_template": "a {label} shape."},
                epochs=6, batch_size=8)
     cfg = build_config(raw)
-    data = prepare_task_data(cfg.task, cfg.data, 0)
+    data = prepare_task_data(get_task(cfg.task), cfg.data, 0)
     run = Prepared(cfg, data.labels)
     assert data.labels == ["blue", "red"] and run.metric == "accuracy"
     batch = run.collate(run.encode_all(data.train[6:10]))  # blue, red, blue, red (class folders interleave)
@@ -219,7 +220,7 @@ def test_pairs_without_labels_select_by_loss(ws, tmp_path):
     raw = _raw(ws, tmp_path / "run", data={"train": str(table), "validation": str(table), "image_column": "picture",
                                            "caption_column": "text"}, max_steps=2, batch_size=8)
     cfg = build_config(raw)
-    assert prepare_task_data(cfg.task, cfg.data, 0).labels is None
+    assert prepare_task_data(get_task(cfg.task), cfg.data, 0).labels is None
     assert Prepared(cfg, None).metric == "eval_loss"  # the best checkpoint is picked by the contrastive loss
     summary = run_training(cfg, quiet=True)
     assert "accuracy" not in summary["metric_after"] and "i2t_recall@1" in summary["metric_after"]

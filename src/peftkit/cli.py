@@ -102,7 +102,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, module in model.named_modules():
         if is_linear_like(module):
             kinds[name.rsplit(".", 1)[-1]] = kinds.get(name.rsplit(".", 1)[-1], 0) + 1
-    print("\nlinear layers by name (target_modules for LoRA, (IA)³, ...):")
+    print("\nlinear layers by name (target_modules of the methods that adapt layers):")
     for kind, count in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {kind}: {count}")
     from peftkit.core.registry import get_method, list_methods
@@ -152,10 +152,8 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     out = args.out or os.path.join(cfg.output_dir, "relevance")
     os.makedirs(out, exist_ok=True)
     report.plot(os.path.join(out, "relevance.png"), args.score)
-    targets = report.lora_targets(args.share, args.score)
-    proposal = {"method": {"name": "lora", "target_modules": targets,
-                           "rank_pattern": report.rank_pattern(targets, args.mean_rank, score=args.score)},
-                "layers_for_partial_finetuning": report.top_layers(args.top_layers, args.score)}
+    proposal = report.proposal(args.share, args.mean_rank, args.top_layers, args.score)
+    targets = proposal["method"]["target_modules"]
     import yaml
 
     from peftkit.core.io import atomic_write_text
@@ -213,13 +211,16 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_methods(_: argparse.Namespace) -> int:
-    from peftkit import list_methods
+def cmd_methods(args: argparse.Namespace) -> int:
+    from peftkit.core.registry import all_methods
 
-    methods = list_methods()
-    width = max(len(k) for k in methods)
-    for name, description in methods.items():
-        print(f"{name:<{width}}  {description}")
+    methods = all_methods()
+    width = max(len(m.peft_type) for m in methods)
+    for method in methods:
+        print(f"{method.peft_type:<{width}}  {method.description}")
+        if args.presets:
+            for name, preset in method.presets.items():
+                print(f"{'':<{width}}    compare preset {name}: {preset}")
     return 0
 
 
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several methods on the same budget and report")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--methods", required=True, help="comma-separated, e.g. full,lora,ia3,bitfit,adapter,prompt,top2,sparse")
+    p.add_argument("--methods", required=True, help="comma-separated preset names (peftkit methods --presets lists them) or compare.<name> sections")
     p.add_argument("--out")
     p.add_argument("--tolerance", type=float, default=0.01)
     p.set_defaults(func=cmd_compare)
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", type=float)
     p.set_defaults(func=cmd_interpolate)
     p = sub.add_parser("methods", help="list the methods")
+    p.add_argument("--presets", action="store_true", help="also list each method's presets for peftkit compare")
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("tasks", help="list the tasks and training extensions of peftkit train")
     p.set_defaults(func=cmd_tasks)

@@ -189,6 +189,14 @@ class RelevanceReport:
         budget = mean_rank * len(targets)
         return {t: max(min_rank, round(budget * v / total)) for t, v in zip(targets, values, strict=True)}
 
+    def proposal(self, share: float = 0.8, mean_rank: int = 8, top_layers: int = 2, score: str = "fisher") -> dict[str, Any]:
+        """A run-config ``method`` section: LoRA on the modules that hold ``share`` of the
+        score, ranks in proportion to it; and the ``top_layers`` blocks worth fine-tuning."""
+        targets = self.lora_targets(share, score)
+        return {"method": {"name": "lora", "target_modules": targets,
+                           "rank_pattern": self.rank_pattern(targets, mean_rank, score=score)},
+                "layers_for_partial_finetuning": self.top_layers(top_layers, score)}
+
     def top_layers(self, k: int, score: str = "fisher") -> list[int]:
         ranked = sorted(self.by_layer(score).items(), key=lambda kv: -kv[1])
         return sorted(layer for layer, _ in ranked[:k])

@@ -15,7 +15,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from peftkit.train.plugins import EXTENSIONS, get_task, is_spec
+from peftkit.train.plugins import EXTENSIONS, TASKS, get_task, is_spec
 from peftkit.train.schema import (
     ConfigError,
     DataSection,
@@ -70,7 +70,7 @@ def _near(path: str, base_dir: str) -> str:
 
 def _task_spec(raw: Any) -> tuple[str, dict[str, Any]]:
     if raw is None:
-        return "classification", {}
+        return TASKS.default(), {}
     if isinstance(raw, str):
         return raw, {}
     if isinstance(raw, dict) and isinstance(raw.get("name"), str):
@@ -97,11 +97,13 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
         raise ConfigError(f"task {task_name!r} takes no options; got {sorted(task_raw)}")
     else:
         task_options = None
-    method = raw.get("method") or {"name": "lora"}
+    method = raw.get("method")
+    if method is None:
+        raise ConfigError("method is required: e.g. method: {name: <method>, ...}; `peftkit methods` lists the methods")
     if isinstance(method, str):
         method = {"name": method}
     if not isinstance(method, dict) or "name" not in method:
-        raise ConfigError("method must be a mapping with a name, e.g. {name: lora, r: 8}")
+        raise ConfigError("method must be a mapping with a name and its options, e.g. {name: <method>, r: 8}; `peftkit methods` lists the methods")
     train_raw = raw.get("train") or {}
     if not isinstance(train_raw, dict):
         raise ConfigError(f"train must be a mapping, got {type(train_raw).__name__}")

@@ -69,7 +69,7 @@ def build_from_factory(spec: str, num_labels: int | None) -> Any:
     """Calls the factory, passing ``num_labels`` when it takes that argument."""
     import inspect
 
-    fn = load_object(spec, setting="model.name")
+    fn = load_object(spec, setting="model.name", what="function")
     if not callable(fn):
         raise ConfigError(f"model.name {spec!r} is not a function")
     try:

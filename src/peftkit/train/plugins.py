@@ -69,6 +69,15 @@ class _Registry(Generic[T]):
             if entry.name not in self.items:
                 self.register(entry.load(), entry.name)
 
+    def default(self) -> str:
+        """The name of the one plug-in marked ``default = True`` (what a config without a
+        name gets)."""
+        self._load()
+        marked = [name for name, item in self.items.items() if getattr(item, "default", False)]
+        if len(marked) != 1:
+            raise ConfigError(f"name the {self.kind} in the config; one of {self.names()}")
+        return marked[0]
+
     def names(self) -> list[str]:
         self._load()
         return sorted(self.items)

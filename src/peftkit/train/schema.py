@@ -115,10 +115,10 @@ class RunConfig:
     classes; ``method`` is the raw method mapping (the method's config class checks it);
     ``extensions`` maps each ``train.<key>`` section of a training extension to its options."""
 
-    task: str = "classification"
+    task: str = ""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
+    method: dict[str, Any] = field(default_factory=dict)
     train: TrainSection = field(default_factory=TrainSection)
     output_dir: str = "runs/peftkit"
     compare: dict[str, Any] = field(default_factory=dict)  # per-method settings for `peftkit compare`

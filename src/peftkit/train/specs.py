@@ -18,7 +18,7 @@ def is_spec(name: str) -> bool:
     return bool(sep) and len(head) > 1 and tail.isidentifier()
 
 
-def load_object(spec: str, base_dir: str = ".", setting: str = "task") -> Any:
+def load_object(spec: str, base_dir: str = ".", setting: str = "task", what: str = "class") -> Any:
     """The object ``spec`` names: ``path/to/file.py:name`` or ``package.module:name``."""
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py"):
@@ -37,5 +37,5 @@ def load_object(spec: str, base_dir: str = ".", setting: str = "task") -> Any:
         except ImportError as exc:
             raise ConfigError(f"{setting} {spec!r}: cannot import {target!r} ({exc})") from exc
     if not hasattr(module, attr):
-        raise ConfigError(f"{setting} {spec!r}: {target!r} has no {attr!r}")
+        raise ConfigError(f"{setting} {spec!r}: {target!r} has no {what} {attr!r}")
     return getattr(module, attr)

@@ -131,6 +131,8 @@ class Task:
     data_options: ClassVar[type[DataSection]] = DataSection
     #: a dataclass of the task's own options, or None
     options: ClassVar[type | None] = None
+    #: the task of a run config that names none (one task only)
+    default: ClassVar[bool] = False
     #: the adapter config's ``task_type`` (what Hugging Face PEFT calls it), or None
     task_type: str | None = None
     #: the validation metric that picks the best checkpoint unless ``train.metric`` is set

@@ -192,6 +192,7 @@ class _TextTask(Task):
 
 class TextClassificationTask(_TextTask):
     name = "classification"
+    default = True
     task_type = "SEQ_CLS"
     default_metric = "accuracy"
     data_options = ClassificationData
