@@ -74,7 +74,7 @@ def _plugin_names() -> set[str]:
 def test_shared_training_modules_name_no_task_method_or_extension():
     names = _plugin_names()
     assert {"classification", "lora", "sparse", "causal_lm", "self_training", "text_to_image"} <= names
-    for module in SHARED + ["../cli.py"]:
+    for module in [*SHARED, "../cli.py"]:
         found = _code_words(SRC / "train" / module) & names
         assert not found, f"train/{module} names {sorted(found)}"
 
@@ -117,7 +117,7 @@ def _cycle(graph: dict[str, set[str]], within: str) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph[n] & nodes):
             if colour.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return [*stack[stack.index(m):], m]
             if m not in colour and (found := visit(m)):
                 return found
         colour[n] = 2
@@ -189,7 +189,7 @@ def _reviews(ws, root: Path) -> tuple[Path, Path]:
 
 
 def test_a_users_task_from_a_file_trains_from_the_command_line(workspace, tmp_path):
-    data, _ = _reviews(workspace, tmp_path)
+    _data, _ = _reviews(workspace, tmp_path)
     raw = _config(workspace, tmp_path / "run")
     raw["task"] = {"name": "my_tasks.py:ReviewTask", "margin": 0.5}
     raw["data"] = {"train": "reviews.jsonl", "validation": "reviews.jsonl", "sentence_column": "sentence"}
@@ -231,15 +231,18 @@ def test_a_config_without_a_task_gets_the_default_one(workspace, tmp_path):
     raw = _config(workspace, tmp_path)
     del raw["task"]
     assert build_config(raw).task == "classification"
+    del raw["method"]
+    assert build_config(raw).method == {"name": "lora"}
 
 
 # -- methods' training hooks ------------------------------------------------------------------
 def test_sparse_fisher_selection_runs_its_calibration_under_peftkit_train(workspace, tmp_path):
     """Before, nothing in train/ called the sparse method's calibration: `selection: fisher`
     silently selected by magnitude."""
+    from transformers import AutoModelForSequenceClassification
+
     from peftkit import SparseConfig, get_peft_model
     from peftkit.methods.sparse import SparseLayer
-    from transformers import AutoModelForSequenceClassification
 
     raw = _config(workspace, tmp_path / "fisher", max_steps=1)
     raw["method"] = {"name": "sparse", "density": 0.05, "target_modules": ["query", "value"], "selection": "fisher",

@@ -61,6 +61,7 @@ class Method:
             training and are not saved with the adapter.
         presets: named starting points for ``peftkit compare``: ``{name: {"method": {...},
             "train": {...}}}``, the method's options and the training settings it wants.
+        default: the method of a run config that names none (one method only).
     """
 
     peft_type: str
@@ -78,6 +79,7 @@ class Method:
     training_hooks: Callable[[Any, Any], TrainingHooks | None] | None = None
     training_options: type | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    default: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,6 +134,14 @@ def all_methods() -> list[Method]:
     """Every registered method, by ``peft_type``."""
     _load_builtins()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def default_method() -> Method:
+    """The method marked ``default`` (what a run config without a method gets)."""
+    marked = [m for m in all_methods() if m.default]
+    if len(marked) != 1:
+        raise ValueError(f"{len(marked)} methods are marked default; exactly one must be")
+    return marked[0]
 
 
 def list_methods() -> dict[str, str]:

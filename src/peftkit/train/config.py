@@ -99,7 +99,9 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
         task_options = None
     method = raw.get("method")
     if method is None:
-        raise ConfigError("method is required: e.g. method: {name: <method>, ...}; `peftkit methods` lists the methods")
+        from peftkit.core.registry import default_method
+
+        method = {"name": default_method().peft_type.lower()}
     if isinstance(method, str):
         method = {"name": method}
     if not isinstance(method, dict) or "name" not in method:

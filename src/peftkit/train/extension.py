@@ -44,3 +44,7 @@ class TrainExtension(TrainingHooks):
         """Called when a round of training ends: records (raw, as read from a data file) to
         add to the labelled training records for another round, or None to finish."""
         return None
+
+    def round_epochs(self) -> float | None:
+        """Epochs of the rounds this extension starts (None: ``train.epochs``)."""
+        return None

@@ -55,6 +55,7 @@ class RunState:
     batch: int = 0  # micro-batches of the current epoch done, at the last optimiser step
     round: int = 0
     round_start: int = 0  # the step the current round began at
+    round_epochs: float | None = None  # epochs of the current round, when not train.epochs
     best: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
@@ -265,7 +266,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> d
         run.log(f"the run in {cfg.output_dir} has finished; nothing to resume")
         with open(os.path.join(cfg.output_dir, "summary.json"), encoding="utf-8") as fh:
             return json.load(fh)
-    _start_round(run)
+    _start_round(run, run.state.round_epochs)
     for hook, state in zip(run.hooks, run.state.hooks.get("list", []), strict=False):
         hook.load_state_dict(state)
     run_hooks(run.hooks, "before_training", run)
@@ -289,8 +290,9 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> d
     return _finish(run)
 
 
-def _start_round(run: Run) -> None:
-    """A fresh optimiser and learning-rate schedule over the current training records."""
+def _start_round(run: Run, epochs: float | None = None) -> None:
+    """A fresh optimiser and learning-rate schedule over the current training records, for
+    ``epochs`` (default ``train.epochs``) or ``train.max_steps``."""
     t = run.cfg.train
     batches_per_epoch = math.ceil(len(run.train_items) / t.batch_size)
     if batches_per_epoch < t.grad_accum:
@@ -298,7 +300,7 @@ def _start_round(run: Run) -> None:
                           f"train.grad_accum={t.grad_accum}: no optimiser step could be taken; lower train.grad_accum or "
                           "train.batch_size")
     steps_per_epoch = max(1, batches_per_epoch // t.grad_accum)
-    run.round_steps = t.max_steps or max(1, int(round(steps_per_epoch * t.epochs)))
+    run.round_steps = t.max_steps or max(1, int(round(steps_per_epoch * (t.epochs if epochs is None else epochs))))
     run.eval_every = t.eval_every or steps_per_epoch
     optimizer = torch.optim.AdamW(_param_groups(run.model, t.weight_decay), lr=t.lr)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, int(t.warmup_ratio * run.round_steps), run.round_steps))
@@ -409,7 +411,8 @@ def _next_round(run: Run) -> bool:
             run.use_records(records)
             state.round += 1
             state.round_start, state.stopped_early, state.bad_evals = state.step, False, 0
-            _start_round(run)
+            state.round_epochs = hook.round_epochs()
+            _start_round(run, state.round_epochs)
             run.log(f"round {state.round + 1}: {len(run.labelled_items)} labelled + {len(records)} added records, "
                     f"{run.round_steps} steps")
             _save_checkpoint(run)

@@ -67,6 +67,7 @@ METHOD = register_method(
         check_target=check_lora_target,
         trainable_base_parameters=_trained_biases,
         prepare_config=_prepare_config,
+        default=True,
         training_hooks=adaptive_training,
         training_options=AdaptiveOptions,
         presets={

@@ -34,6 +34,8 @@ class SelfTrainingOptions:
         threshold: the least probability of the predicted class for a record to be kept.
         max_per_class: at most this many pseudo-labelled records per class (None: no cap).
         max_unlabeled: use the first n unlabelled records only.
+        epochs: epochs of each pseudo-labelled round (default ``train.epochs``); the
+            pseudo-labelled set is often many times the labelled one.
     """
 
     unlabeled: str = path_field("")
@@ -41,6 +43,7 @@ class SelfTrainingOptions:
     threshold: float = 0.9
     max_per_class: int | None = None
     max_unlabeled: int | None = None
+    epochs: float | None = None
 
     def __post_init__(self) -> None:
         if not self.unlabeled:
@@ -49,6 +52,8 @@ class SelfTrainingOptions:
             raise ConfigError(f"train.self_training.rounds must be at least 1, got {self.rounds}")
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"train.self_training.threshold must be in (0, 1], got {self.threshold}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.self_training.epochs must be positive, got {self.epochs}")
         for name in ("max_per_class", "max_unlabeled"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -88,6 +93,9 @@ class SelfTraining(TrainExtension):
         ctx.log(f"self-training: {len(chosen)} of {len(records)} unlabelled records pseudo-labelled at p >= {o.threshold} {counts}")
         task, data = ctx.task, ctx.cfg.data
         return [task.with_label(records[i], labels[int(predicted[i])], data) for _, i in sorted(chosen, key=lambda x: x[1])]
+
+    def round_epochs(self) -> float | None:
+        return self.options.epochs
 
     def _unlabeled(self, ctx: Any) -> list[dict[str, Any]]:
         o: SelfTrainingOptions = self.options

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import (
-    CheckpointModel,
     Batch,
+    CheckpointModel,
     Item,
     Task,
     add_class_labels,

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import (
-    CheckpointModel,
     Batch,
+    CheckpointModel,
     Item,
     LabelIds,
     Task,
