@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core.config import PeftConfig
 from peftkit.core import tuner
+from peftkit.core.config import PeftConfig
 from peftkit.core.io import WEIGHTS_NAME, atomic_write_text, load_tensors, resolve_adapter_dir, save_tensors
 from peftkit.core.layer import adapter_layers, per_example_adapters
 from peftkit.core.model_adapter import ModelAdapter
