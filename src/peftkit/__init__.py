@@ -7,6 +7,8 @@ Hugging Face PEFT also reads::
     model = get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"]))
 """
 
+import importlib.metadata as _metadata
+
 from peftkit.analysis import RelevanceReport, interpolate, relevance_scores
 from peftkit.core.config import PeftConfig, PeftType, TargetedConfig, TaskType
 from peftkit.core.registry import Method, get_method, list_methods, register_method
@@ -26,7 +28,11 @@ from peftkit.methods.sparse import SparseConfig
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
 from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model, save_quantized
 
-__version__ = "0.1.0"
+# The version is written once, in pyproject.toml; an install (editable too) records it.
+try:
+    __version__ = _metadata.version("peftkit")
+except _metadata.PackageNotFoundError:  # a source tree put on sys.path, never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AdapterStateError",
