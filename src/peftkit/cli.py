@@ -21,7 +21,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftkit.train import load_config, run_training
 
     cfg = load_config(args.config, args.overrides)
-    result = run_training(cfg, resume=args.resume, quiet=args.quiet)
+    if args.dry_run:
+        from peftkit.train.loop import dry_run
+
+        dry_run(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        return 0
+    result = run_training(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     return 130 if result.get("interrupted") else 0
 
 
@@ -243,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 method.r=16")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an output_dir that holds another run (deletes its files)")
+    p.add_argument("--dry-run", action="store_true", help="check the config, the output folder and the data; train nothing")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="metrics of a trained run on a data file")

@@ -190,6 +190,10 @@ def normalise_target_fields(config: Any) -> None:
     turns sets and tuples into sorted lists (and a lone ``modules_to_save`` name into a list)."""
     for name in ("target_modules", "exclude_modules", "modules_to_save"):
         value = getattr(config, name)
+        if isinstance(value, (set, tuple, list)):
+            wrong = [v for v in value if not isinstance(v, str)]
+            if wrong:
+                raise TypeError(f"{name} must hold module names (strings); {wrong[0]!r} is a {type(wrong[0]).__name__}")
         if isinstance(value, (set, tuple)):
             setattr(config, name, sorted(value))
         elif value is not None and not isinstance(value, (str, list)):

@@ -145,7 +145,7 @@ def _run_one(raw: dict[str, Any], name: str, out_dir: str, log: Any, overrides: 
         if os.path.exists(summary_path):
             os.remove(summary_path)
         log(f"[{name}] training ...")
-        proc = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", cfg_path, "--quiet"], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", cfg_path, "--quiet", "--overwrite"], capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.isfile(summary_path):
             lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
             reason = lines[-1] if lines else f"exit code {proc.returncode}"

@@ -134,6 +134,8 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
     )
     for section in (config.model, config.data):
         _resolve_paths(section, base_dir)
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise ConfigError(f"output_dir {config.output_dir!r} is a file; name a folder (it is created if missing)")
     if os.path.isdir(os.path.join(base_dir, config.model.name)):
         config.model.name = _near(config.model.name, base_dir)  # a model folder next to the config
     file, sep, function = config.model.name.rpartition(":")

@@ -41,7 +41,7 @@ from peftkit.train.run import Prepared
 from peftkit.train.schema import ConfigError, RunConfig
 from peftkit.train.tasks.base import to_device
 
-__all__ = ["RunState", "run_training"]
+__all__ = ["RunState", "config_changes", "dry_run", "prepare_output_dir", "run_training"]
 
 CHECKPOINT = "checkpoint"
 
@@ -61,6 +61,8 @@ class RunState:
     bad_evals: int = 0
     stopped_early: bool = False
     finished: bool = False
+    pending_eval: bool = False  # the step just taken is due an evaluation not yet made
+    loss_window: list[float] = field(default_factory=list)  # micro-batch losses since the last logged row
     units: int = 0
     train_seconds: float = 0.0
     metric_before: dict[str, float] | None = None
@@ -184,6 +186,9 @@ class Run:
         self.scheduler: Any = None
         self.round_steps = 0
         self.eval_every = 1
+        self.micro_losses: list[float] = []  # losses of the micro-batches of a step not yet taken
+        self.saved_at = time.monotonic()
+        self.interrupts = _Interrupts()
         self.out = cfg.output_dir
         self.progress = _Progress(self.main and not quiet, self.task.unit)
 
@@ -251,13 +256,20 @@ def _hooks(cfg: RunConfig) -> list[TrainingHooks]:
     return hooks
 
 
-def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tunes the configured model with the configured method; writes the output folder.
+
+    Args:
+        resume: continue from the folder's checkpoint (refused when the checkpoint's config
+            differs from ``cfg`` in a setting that changes results).
+        overwrite: start afresh in a folder that holds another run, deleting its files.
 
     Returns:
         The run summary (also written to ``summary.json``), or ``{"interrupted": True, ...}``
         when Ctrl-C or SIGTERM stopped it (a checkpoint was written; continue with ``resume``).
     """
+    log = (lambda *a: None) if quiet else print
+    prepare_output_dir(cfg, resume, overwrite, log)
     run = Run(cfg, quiet)
     saved = _read_checkpoint(run) if resume else None
     if resume and saved is None:
@@ -274,20 +286,35 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> d
         _restore(run, saved)
         run.log(f"resumed from step {run.state.step}")
     _open_metrics(run, resumed=saved is not None)
-    if run.state.metric_before is None and run.val_items:
-        run.state.metric_before = _evaluate(run)
-        run.log(f"before training: {_fmt(run.state.metric_before)}")
     try:
-        with _sigterm_as_interrupt():
+        with _interrupts() as run.interrupts:
+            if run.state.metric_before is None and run.val_items:
+                run.state.metric_before = _evaluate(run)
+                run.log(f"before training: {_fmt(run.state.metric_before)}")
+            if run.state.pending_eval:  # interrupted during an evaluation: make it now
+                _evaluate_and_select(run)
+                _save_checkpoint(run)
             while True:
                 _train_round(run)
                 if not _next_round(run):
                     break
+            with run.interrupts.deferred():
+                return _finish(run)
     except KeyboardInterrupt:
+        if run.state.finished:  # the stop came while the run was finishing, which it did
+            with open(os.path.join(cfg.output_dir, "summary.json"), encoding="utf-8") as fh:
+                return json.load(fh)
         run.log("interrupted: saving a checkpoint (continue with --resume)")
         _save_checkpoint(run)
         return {"interrupted": True, "step": run.state.step}
-    return _finish(run)
+    except torch.OutOfMemoryError as exc:
+        _save_checkpoint(run)
+        limits = [f"train.batch_size={cfg.train.batch_size}"]
+        if hasattr(cfg.model, "max_length"):
+            limits.append(f"model.max_length={cfg.model.max_length}")
+        raise ConfigError(f"out of memory at step {run.state.step} with {' and '.join(limits)}: lower them (train.grad_accum "
+                          "keeps the global batch; train.gradient_checkpointing saves activations). A checkpoint of "
+                          f"step {run.state.step} was written: continue with --resume ({str(exc).splitlines()[0]})") from exc
 
 
 def _start_round(run: Run, epochs: float | None = None) -> None:
@@ -312,7 +339,6 @@ def _train_round(run: Run) -> None:
     t, state = run.cfg.train, run.state
     lengths = [run.task.length(i) for i in run.train_items]
     run.wrapped.train()
-    window: list[float] = []
     while state.step < run.total_steps and not state.stopped_early:
         order = batch_order(lengths, t.batch_size, t.seed, state.epoch, t.group_by_length)
         usable = len(order) - len(order) % t.grad_accum
@@ -320,13 +346,18 @@ def _train_round(run: Run) -> None:
         for batch_ids in order[micro:usable]:
             micro += 1
             boundary = micro % t.grad_accum == 0
-            window.append(_train_step(run, batch_ids, sync=boundary))
+            loss = _train_step(run, batch_ids, sync=boundary)
             if not boundary:
+                run.micro_losses.append(loss)
                 continue
-            _optimizer_step(run)
-            state.batch = micro
-            _after_step(run, window)
-            window = []
+            with run.interrupts.deferred():  # the step and its bookkeeping happen whole or not at all
+                _optimizer_step(run)
+                state.batch = micro
+                state.loss_window += [*run.micro_losses, loss]
+                run.micro_losses = []
+                _log_step(run)
+                state.pending_eval = bool(run.val_items) and _eval_due(run)
+            _after_step(run)
             if state.step >= run.total_steps or state.stopped_early:
                 return
         state.epoch += 1
@@ -360,20 +391,31 @@ def _optimizer_step(run: Run) -> None:
     run.state.train_seconds += time.perf_counter() - tick
 
 
-def _after_step(run: Run, losses: list[float]) -> None:
-    """Logging, evaluation (and the best adapter), checkpoints, early stopping."""
-    t, state = run.cfg.train, run.state
-    step, end = state.step, run.total_steps
-    if step % t.log_every == 0 or step == end:
+def _eval_due(run: Run) -> bool:
+    step = run.state.step
+    return (step - run.state.round_start) % run.eval_every == 0 or step == run.total_steps
+
+
+def _log_step(run: Run) -> None:
+    """The training row of ``metrics.jsonl`` when one is due: the mean loss since the last."""
+    state, step, end = run.state, run.state.step, run.total_steps
+    if step % run.cfg.train.log_every == 0 or step == end:
         lr = run.scheduler.get_last_lr()[0]
         rate = state.units / max(state.train_seconds, 1e-9)
+        losses, state.loss_window = state.loss_window, []
         _record(run, {"step": step, "loss": sum(losses) / len(losses), "lr": lr, f"{run.task.unit}_per_second": rate})
         run.progress.show(step, end, state.history[-1]["loss"], lr, rate)
-    round_step = step - state.round_start
-    if run.val_items and (round_step % run.eval_every == 0 or step == end):
+
+
+def _after_step(run: Run) -> None:
+    """Evaluation (and the best adapter), checkpoints, early stopping."""
+    t, state = run.cfg.train, run.state
+    step = state.step
+    minutes = t.checkpoint_minutes
+    if state.pending_eval:
         _evaluate_and_select(run)
         _save_checkpoint(run)
-    elif t.checkpoint_every and step % t.checkpoint_every == 0:
+    elif (t.checkpoint_every and step % t.checkpoint_every == 0) or (minutes and time.monotonic() - run.saved_at >= 60 * minutes):
         _save_checkpoint(run)
 
 
@@ -386,14 +428,16 @@ def _evaluate(run: Run) -> dict[str, float]:
 def _evaluate_and_select(run: Run) -> None:
     state = run.state
     result = _evaluate(run)
-    _record(run, {"step": state.step, **result})
     value = result[run.metric]
     better = state.best is None or (value > state.best if run.higher_better else value < state.best)
-    if better:
-        state.best, state.best_step, state.bad_evals = value, state.step, 0
-        _save_adapter(run)
-    else:
-        state.bad_evals += 1
+    with run.interrupts.deferred():  # the row, the best adapter and the state change together
+        _record(run, {"step": state.step, **result})
+        if better:
+            state.best, state.best_step, state.bad_evals = value, state.step, 0
+            _save_adapter(run)
+        else:
+            state.bad_evals += 1
+        state.pending_eval = False
     run.log(f"step {state.step}: {_fmt(result)}" + ("  (best)" if better else ""))
     patience = run.cfg.train.early_stopping_patience
     if patience and state.bad_evals >= patience:
@@ -473,6 +517,13 @@ def _save_adapter(run: Run) -> None:
 def _save_checkpoint(run: Run) -> None:
     """Trainable weights, optimiser, schedule, random state (as of the last step) and the run
     state, written to a temporary folder and swapped in."""
+    with run.interrupts.deferred():
+        _write_checkpoint(run)
+    run.saved_at = time.monotonic()
+    run.accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(run: Run) -> None:
     if run.main:
         run.state.hooks = {"list": [h.state_dict() for h in run.hooks]}
         path = os.path.join(run.out, CHECKPOINT)
@@ -483,18 +534,17 @@ def _save_checkpoint(run: Run) -> None:
         trainable = {n: p.detach().cpu() for n, p in run.model.named_parameters() if p.requires_grad}
         save_tensors(os.path.join(tmp, "trainable.safetensors"), trainable)
         torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": run.rng,
-                    "state": dataclasses.asdict(run.state)}, os.path.join(tmp, "state.pt"))
+                    "state": dataclasses.asdict(run.state), "config": run.cfg.to_dict()}, os.path.join(tmp, "state.pt"))
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    run.accelerator.wait_for_everyone()
 
 
 def _read_checkpoint(run: Run) -> dict[str, Any] | None:
     """The checkpoint of the run's folder, or None; sets the run's state and records from it."""
-    path = os.path.join(run.out, CHECKPOINT)
-    if not os.path.isdir(path):
+    path = _checkpoint_path(run.out)
+    if path is None:
         return None
     from safetensors.torch import load_file
 
@@ -517,22 +567,139 @@ def _restore(run: Run, blob: dict[str, Any]) -> None:
     run.rng = blob["rng"]
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (what schedulers and ``docker stop`` send) stops the run like Ctrl-C: with a
-    checkpoint. Only the main thread can install handlers; elsewhere nothing changes."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+class _Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM (what schedulers and ``docker stop`` send) stop the run
+    with a checkpoint, as ``KeyboardInterrupt``; inside :meth:`deferred` (an optimiser step
+    with its bookkeeping, a checkpoint, the best adapter's save) the stop waits until the
+    block ends, so no half-done step or file is ever saved."""
 
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def _interrupts() -> Iterator[_Interrupts]:
+    """Installs :class:`_Interrupts`' handler for SIGINT and SIGTERM while training (only the
+    main thread can; elsewhere Ctrl-C stays Python's own)."""
+    interrupts = _Interrupts()
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, interrupts.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:
-        yield
+        yield interrupts
         return
     try:
-        yield
+        yield interrupts
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- the output folder -------------------------------------------------------------------------
+#: what a run writes into its folder; ``--overwrite`` deletes these and nothing else
+RUN_FILES = ("adapter", CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old", "metrics.jsonl", "summary.json", "config.yaml",
+             "labels.json", "training_curve.png")
+#: settings that change how a run is watched, not what it computes: ``--resume`` accepts changes
+WATCHING = ("train.log_every", "train.eval_batch_size", "train.checkpoint_every", "train.checkpoint_minutes", "output_dir",
+            "compare")
+
+
+def _checkpoint_path(out: str) -> str | None:
+    """The folder's checkpoint; one left as ``checkpoint.old`` by a save killed between its
+    two renames is put back first."""
+    path = os.path.join(out, CHECKPOINT)
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+    return path if os.path.isdir(path) else None
+
+
+def _flat(tree: Any, path: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for each leaf of a nested mapping."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{path}{key}.").items()}
+    return {path.rstrip("."): tree}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(refused, allowed)``: the settings in which ``current`` differs from ``saved``, split
+    into those that change a run's results and those that only change how it is watched."""
+    old, new = _flat(saved), _flat(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    describe = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+    allowed = [d for k, d in zip(changed, describe, strict=True) if any(k == w or k.startswith(w + ".") for w in WATCHING)]
+    return [d for d in describe if d not in allowed], allowed
+
+
+def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, log: Callable[..., None], dry: bool = False) -> None:
+    """Refuses a fresh run into a folder holding another run (unless ``overwrite``), and a
+    resume whose config changes results; runs before any model loads. ``dry``: check only,
+    delete nothing."""
+    out = cfg.output_dir
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if resume:
+        path = _checkpoint_path(out)
+        if path is None:
+            return
+        saved = torch.load(os.path.join(path, "state.pt"), weights_only=False).get("config")
+        if saved is None:
+            raise ConfigError(f"the checkpoint in {out!r} records no config, so it cannot be checked against this one; "
+                              "start afresh with --overwrite")
+        refused, allowed = config_changes(saved, cfg.to_dict())
+        if refused:
+            raise ConfigError(f"--resume: the config differs from the checkpoint's in settings that change results: "
+                              f"{'; '.join(refused)}. Restore them, or start afresh with --overwrite")
+        if allowed:
+            log("resuming with changed settings: " + "; ".join(allowed))
+    elif present:
+        if not overwrite:
+            raise ConfigError(f"output_dir {out!r} holds another run ({', '.join(present)}); continue it with --resume, "
+                              "start afresh with --overwrite (deletes those files), or choose another output_dir")
+        if dry:
+            log(f"--overwrite would remove the earlier run's {', '.join(present)} from {out}")
+            return
+        for name in present:
+            target = os.path.join(out, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        log(f"--overwrite: removed the earlier run's {', '.join(present)} from {out}")
+
+
+def dry_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Everything a run would check, without loading the model or training: the config (already
+    validated), the output folder, and the data (files, columns, labels, batches per step).
+
+    Returns:
+        What the run would train on: record counts, labels, steps.
+    """
+    log = (lambda *a: None) if quiet else print
+    prepare_output_dir(cfg, resume, overwrite, log, dry=True)
+    t = cfg.train
+    data = prepare_task_data(get_task(cfg.task), cfg.data, t.seed)
+    batches = math.ceil(len(data.train) / t.batch_size)
+    if batches < t.grad_accum:
+        raise ConfigError(f"the training data make {batches} batches of {t.batch_size}, fewer than train.grad_accum={t.grad_accum}")
+    steps = t.max_steps or max(1, int(round(max(1, batches // t.grad_accum) * t.epochs)))
+    report = {"task": cfg.task, "method": cfg.method.get("name"), "train_records": len(data.train),
+              "validation_records": len(data.validation), "labels": data.labels, "steps": steps,
+              "extensions": sorted(cfg.extensions)}
+    log("config and data are valid: " + json.dumps(report))
+    return report
 
 
 # -- the summary -------------------------------------------------------------------------------

@@ -68,6 +68,12 @@ class DataSection:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name} must be at least 1 (or left out), got {value}")
+
 
 @dataclass
 class TrainSection:
@@ -92,6 +98,8 @@ class TrainSection:
     mixed_precision: str = "auto"
     group_by_length: bool = True
     checkpoint_every: int | None = None
+    # a checkpoint at least this often (minutes of wall time), so a long epoch is never lost whole
+    checkpoint_minutes: float | None = 10.0
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -102,6 +110,20 @@ class TrainSection:
         for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"train.{name} must be at least 1 (or left out), got {value}")
+        if self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be positive, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be non-negative, got {self.weight_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"train.max_grad_norm must be positive (or null: no clipping), got {self.max_grad_norm}")
+        if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
+            raise ConfigError(f"train.checkpoint_minutes must be positive (or null: off), got {self.checkpoint_minutes}")
         if self.lr <= 0:
             raise ConfigError("train.lr must be positive")
         if min(self.l1, self.l2, self.l2sp) < 0:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import (
+    ClassData,
+    class_labels,
     Batch,
     CheckpointModel,
     Item,
@@ -287,11 +289,10 @@ def load_audio_model(cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Aud
 
 
 @dataclass
-class AudioData(DataSection):
+class AudioData(ClassData):
     """``max_audio_seconds``: clips longer than this are cut to their first seconds."""
 
     audio_column: str = "audio"
-    label_column: str = "label"
     max_audio_seconds: float | None = None
 
 
@@ -341,7 +342,7 @@ class AudioClassificationTask(Task):
                 raise ConfigError(f"{path}: record {number} names audio file {file!r}, which does not exist")
 
     def labels(self, train: list[dict[str, Any]], validation: list[dict[str, Any]], data: DataSection) -> list[Any]:
-        return infer_labels({r[data.label_column] for r in train} | {r[data.label_column] for r in validation})
+        return class_labels(train, validation, data)
 
     def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
         return load_audio_model(cfg, labels)

@@ -15,7 +15,7 @@ import torch
 
 from peftkit.train.schema import ConfigError, DataSection, ModelSection, RunConfig, path_field
 
-__all__ = ["CheckpointModel", "Task", "add_class_labels", "class_encoder", "classification_metrics", "infer_labels", "logits_of",
+__all__ = ["CheckpointModel", "ClassData", "Task", "class_labels", "add_class_labels", "class_encoder", "classification_metrics", "infer_labels", "logits_of",
            "require_column", "to_device"]
 
 
@@ -52,6 +52,51 @@ def infer_labels(values: set[Any]) -> list[Any]:
     return sorted(str(v) for v in values)
 
 
+@dataclass
+class ClassData(DataSection):
+    """A data section of records with a class label.
+
+    Args:
+        label_column: the column holding each record's class.
+        labels: the classes, in id order. Without it they are the training records' own,
+            and a label seen only in validation is an error (name every class here to keep it).
+    """
+
+    label_column: str = "label"
+    labels: list[Any] | None = None
+
+
+def _missing_label(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def class_labels(train: list[dict[str, Any]], validation: list[dict[str, Any]], data: Any,
+                 infer: Callable[[set[Any]], list[Any]] | None = None) -> list[Any]:
+    """The classes of a run, checked: every record has a label, and every validation label is
+    a training label (or all are in ``data.labels``, when given). ``infer`` orders the
+    training labels (default :func:`infer_labels`)."""
+    column = data.label_column
+    for records, path in ((train, data.train), (validation, data.validation or data.train)):
+        missing = [n for n, r in enumerate(records, 1) if _missing_label(r.get(column))]
+        if missing:
+            raise ConfigError(f"{path}: {len(missing)} record(s) have no label in {column!r} (data.label_column), e.g. "
+                              f"record {', '.join(map(str, missing[:5]))}; label or remove them")
+    if data.labels is not None:
+        known = {str(v) for v in data.labels}
+        unknown = sorted({str(r[column]) for r in train + validation} - known)
+        if unknown:
+            raise ConfigError(f"labels {unknown} of the data are not in data.labels {list(data.labels)}")
+        return list(data.labels)
+    labels = (infer or infer_labels)({r[column] for r in train})
+    ids = LabelIds(labels)
+    unseen = sorted({str(r[column]) for r in validation if not ids.knows(r[column])})
+    if unseen:
+        raise ConfigError(f"{data.validation or data.train}: validation labels {unseen} never occur in the training data "
+                          f"(whose labels are {labels}); a model cannot learn them. Name every class in data.labels "
+                          "to keep them, or drop those records")
+    return labels
+
+
 class LabelIds:
     """Record label value -> class id, with a clear error for an unseen value."""
 
@@ -59,10 +104,16 @@ class LabelIds:
         self.ids = {(str(v) if not isinstance(v, int) else v): i for i, v in enumerate(labels or [])}
         self.ints = bool(self.ids) and isinstance(next(iter(self.ids)), int)
 
+    def _key(self, value: Any) -> Any:
+        if isinstance(value, int):
+            return value
+        return int(value) if self.ints and isinstance(value, str) and value.lstrip("-").isdigit() else str(value)
+
+    def knows(self, value: Any) -> bool:
+        return self._key(value) in self.ids
+
     def __call__(self, value: Any) -> int:
-        key: Any = value
-        if not isinstance(value, int):
-            key = int(value) if self.ints and isinstance(value, str) and value.lstrip("-").isdigit() else str(value)
+        key = self._key(value)
         if key not in self.ids:
             raise ConfigError(f"label {value!r} was not seen in the training data; known labels: {list(self.ids)}")
         return self.ids[key]

@@ -182,6 +182,10 @@ class ClipModel(CheckpointModel):
 
     max_length: int = 128
 
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ConfigError(f"model.max_length must be at least 1, got {self.max_length}")
+
 
 @dataclass
 class ClipData(DataSection):

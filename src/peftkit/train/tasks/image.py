@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from peftkit.train.modeling import build_from_factory, is_factory, load_checkpoint, transformers_source
 from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import (
+    ClassData,
+    class_labels,
     Batch,
     CheckpointModel,
     Item,
@@ -138,9 +140,8 @@ class ImageModel(CheckpointModel):
 
 
 @dataclass
-class ImageData(DataSection):
+class ImageData(ClassData):
     image_column: str = "image"
-    label_column: str = "label"
 
 
 class ImageClassificationTask(Task):
@@ -164,11 +165,11 @@ class ImageClassificationTask(Task):
     def labels(self, train: list[dict[str, Any]], validation: list[dict[str, Any]], data: DataSection) -> list[Any]:
         """The classes present, sorted (as integers when all are; sub-folders "5".."9" give
         a 5-way head, not a 10-way one)."""
-        values = {r[data.label_column] for r in train} | {r[data.label_column] for r in validation}
-        labels = infer_labels(values)
-        if labels and isinstance(labels[0], int):
-            return sorted({int(v) for v in values})
-        return labels
+        def present(values: set[Any]) -> list[Any]:
+            labels = infer_labels(values)
+            return sorted({int(v) for v in values}) if labels and isinstance(labels[0], int) else labels
+
+        return class_labels(train, validation, data, present)
 
     def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
         return load_image_model(cfg, labels)

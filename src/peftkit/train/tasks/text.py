@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from peftkit.train.schema import ConfigError, DataSection, ModelSection, RunConfig
-from peftkit.train.tasks.base import Batch, Item, LabelIds, Task, infer_labels, logits_of, require_column
+from peftkit.train.tasks.base import Batch, ClassData, Item, LabelIds, Task, class_labels, logits_of, require_column
 
 __all__ = ["CausalLMData", "CausalLMEncoder", "CausalLMTask", "ClassificationData", "ClassificationEncoder", "Collator",
            "Seq2SeqData", "Seq2SeqEncoder", "Seq2SeqTask", "TextClassificationTask", "TextModel"]
@@ -25,12 +25,15 @@ class TextModel(ModelSection):
 
     max_length: int = 128
 
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ConfigError(f"model.max_length must be at least 1, got {self.max_length}")
+
 
 @dataclass
-class ClassificationData(DataSection):
+class ClassificationData(ClassData):
     text_column: str = "text"
     text_pair_column: str | None = None
-    label_column: str = "label"
 
 
 @dataclass
@@ -165,7 +168,12 @@ class _TextTask(Task):
     def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:
         from peftkit.train.modeling import load_model_and_tokenizer
 
-        return load_model_and_tokenizer(cfg, self.auto_class, **self.model_kwargs(labels))
+        model, tokenizer = load_model_and_tokenizer(cfg, self.auto_class, **self.model_kwargs(labels))
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and cfg.model.max_length > positions:
+            raise ConfigError(f"model.max_length={cfg.model.max_length} is more than the {positions} positions "
+                              f"{cfg.model.name!r} has; use at most {positions}")
+        return model, tokenizer
 
     def model_kwargs(self, labels: list[Any] | None) -> dict[str, Any]:
         """Keyword arguments of the auto class's ``from_pretrained`` for this run."""
@@ -214,7 +222,7 @@ class TextClassificationTask(_TextTask):
             require_column(records, data.text_pair_column, path, "data.text_pair_column")
 
     def labels(self, train: list[dict[str, Any]], validation: list[dict[str, Any]], data: DataSection) -> list[Any]:
-        return infer_labels({r[data.label_column] for r in train} | {r[data.label_column] for r in validation})
+        return class_labels(train, validation, data)
 
     def eval_batch(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
         out = model(**batch)
