@@ -24,15 +24,14 @@ import torch.nn.functional as F
 
 from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import (
-    ClassData,
-    class_labels,
     Batch,
     CheckpointModel,
+    ClassData,
     Item,
     Task,
     add_class_labels,
     class_encoder,
-    infer_labels,
+    class_labels,
     logits_of,
     require_column,
     to_device,

@@ -15,8 +15,19 @@ import torch
 
 from peftkit.train.schema import ConfigError, DataSection, ModelSection, RunConfig, path_field
 
-__all__ = ["CheckpointModel", "ClassData", "Task", "class_labels", "add_class_labels", "class_encoder", "classification_metrics", "infer_labels", "logits_of",
-           "require_column", "to_device"]
+__all__ = [
+    "CheckpointModel",
+    "ClassData",
+    "Task",
+    "add_class_labels",
+    "class_encoder",
+    "class_labels",
+    "classification_metrics",
+    "infer_labels",
+    "logits_of",
+    "require_column",
+    "to_device",
+]
 
 
 @dataclass

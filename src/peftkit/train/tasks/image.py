@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from peftkit.train.modeling import build_from_factory, is_factory, load_checkpoint, transformers_source
 from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import (
-    ClassData,
-    class_labels,
     Batch,
     CheckpointModel,
+    ClassData,
     Item,
     Task,
     add_class_labels,
     class_encoder,
+    class_labels,
     infer_labels,
     logits_of,
     require_column,
