@@ -1,13 +1,16 @@
-"""Adapter folders survive crashes and are readable by other users."""
+"""Files survive crashes and other users; bad configs and files give errors that name the
+problem and the fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +20,7 @@ from torch import nn
 
 from peftkit import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peftkit.core.io import atomic_write_text
+from peftkit.core.registry import all_methods
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -247,3 +251,106 @@ def test_merge_output_honours_the_umask(tmp_path, monkeypatch):
     finally:
         os.umask(previous)
     assert _mode(tmp_path / "merged") == 0o755
+
+
+# -- 4. clear errors ---------------------------------------------------------------------
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"[1, 2]", "a JSON list"),
+    (b'"LORA"', "a JSON string"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b'{"r": 4}', "no peft_type"),
+])
+def test_a_bad_adapter_config_names_the_file_and_the_problem(tmp_path, content, problem):
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=problem) as err:
+        PeftConfig.from_pretrained(tmp_path)
+    assert str(tmp_path / "adapter_config.json") in str(err.value)
+    with pytest.raises(ValueError, match=problem):
+        PeftModel.from_pretrained(mlp(), tmp_path)
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_patterns_must_be_mappings(field):
+    with pytest.raises(TypeError, match=rf"{field} must be a mapping .*got str"):
+        LoraConfig(**{field: "q_proj:4"})
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "pissa", "pissa_niter_4", "pissa_niter_0"])
+def test_implemented_inits_are_accepted(init):
+    assert LoraConfig(init_lora_weights=init).init_lora_weights == init
+
+
+@pytest.mark.parametrize("init", ["olora", "orthogonal", "loftq", "eva", "corda"])
+def test_inits_peft_has_and_peftkit_lacks_say_so(init):
+    with pytest.raises(NotImplementedError, match=rf"init_lora_weights={init!r}"):
+        LoraConfig(init_lora_weights=init)
+
+
+@pytest.mark.parametrize("init", ["pissa_garbage", "pissa_niter_", "pissa_niter_-1", "gauss", "", 1, None])
+def test_unknown_inits_list_the_valid_ones(init):
+    with pytest.raises(ValueError, match=r"init_lora_weights .*'gaussian'.*'pissa_niter_<n>'"):
+        LoraConfig(init_lora_weights=init)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"alpha_pattern": {"0": -4}},
+    {"alpha_pattern": {"0": 0}},
+    {"alpha_pattern": {"0": "big"}},
+    {"lora_alpha": 0},
+    {"lora_alpha": -8},
+    {"lora_alpha": float("nan")},
+])
+def test_alphas_must_be_positive(kwargs):
+    with pytest.raises(ValueError, match="must be a positive number"):
+        LoraConfig(**kwargs)
+
+
+def test_a_rank_above_a_layers_smaller_dimension_warns_naming_the_layer():
+    with pytest.warns(UserWarning, match=r"^2: r=6 .* smaller dimension \(4\)"):
+        get_peft_model(mlp(), LoraConfig(r=6, target_modules=["0", "2"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(mlp(), LoraConfig(r=4, target_modules=["0", "2"]))
+
+
+def test_pissa_with_a_rank_above_a_layers_smaller_dimension_is_refused_before_any_change():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^2: init_lora_weights='pissa' .* r=6 .* 4"):
+        get_peft_model(model, LoraConfig(r=6, target_modules=["0", "2"], init_lora_weights="pissa"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_saving_with_no_adapter_left_is_an_error(tmp_path):
+    model = lora_model()
+    model.delete_adapter("default")
+    with pytest.raises(ValueError, match="no adapter to save"):
+        model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_misspelt_config_field_suggests_the_right_one():
+    with pytest.raises(TypeError, match=r"LoraConfig got an unexpected keyword argument 'lora_alfa'; did you mean 'lora_alpha'\?"):
+        LoraConfig(lora_alfa=8)
+    with pytest.raises(TypeError, match=r"'zzz'.*fields are"):
+        LoraConfig(zzz=1)
+
+
+@pytest.mark.parametrize("method", all_methods(), ids=lambda m: m.peft_type)
+def test_every_config_class_suggests_the_closest_field(method):
+    cls = method.config_cls
+    name = max((f.name for f in dataclasses.fields(cls)), key=len)
+    typo = name[:-2] + name[-1] + name[-2]  # last two letters swapped
+    with pytest.raises(TypeError, match=rf"{cls.__name__} got an unexpected keyword argument '{typo}'; did you mean '{name}'\?"):
+        cls(**{typo: 1})
+
+
+def test_configs_still_copy_and_replace():
+    import copy
+
+    config = LoraConfig(r=4)
+    assert copy.deepcopy(config) == config
+    assert dataclasses.replace(config, r=2).r == 2
+    with pytest.raises(TypeError, match="did you mean 'r'"):
+        dataclasses.replace(config, rr=2)
