@@ -55,21 +55,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     import shutil
 
+    from peftkit.core.io import make_temp_dir
+
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out} exists; choose a new folder")
     run, model = _load_run(args.run)
     merged = model.merge_and_unload()
-    tmp = args.out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if args.quantize:
-        from peftkit.quantization import save_quantized
+    out = os.path.abspath(args.out)
+    # A name of our own, created here: a failed write removes it and nothing else.
+    tmp = make_temp_dir(os.path.dirname(out), f".{os.path.basename(out)}.peftkit-merge-")
+    try:
+        if args.quantize:
+            from peftkit.quantization import save_quantized
 
-        save_quantized(merged, tmp, bits=args.quantize, quant_type=args.quant_type)
-    else:
-        _save_model(merged, tmp)
-    if hasattr(run.processor, "save_pretrained"):
-        run.processor.save_pretrained(tmp)
-    os.replace(tmp, args.out)
+            save_quantized(merged, tmp, bits=args.quantize, quant_type=args.quant_type)
+        else:
+            _save_model(merged, tmp)
+        if hasattr(run.processor, "save_pretrained"):
+            run.processor.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     kind = f"{args.quantize}-bit ({args.quant_type if args.quantize == 4 else 'int8'}) " if args.quantize else ""
     print(f"merged {kind}model written to {args.out} (load it with transformers' from_pretrained)")
     return 0

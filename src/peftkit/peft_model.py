@@ -15,7 +15,14 @@ from torch import nn
 
 from peftkit.core import tuner
 from peftkit.core.config import PeftConfig
-from peftkit.core.io import WEIGHTS_NAME, atomic_write_text, load_tensors, resolve_adapter_dir, save_tensors
+from peftkit.core.io import (
+    WEIGHTS_NAME,
+    atomic_write_folder,
+    atomic_write_text,
+    load_tensors,
+    resolve_adapter_dir,
+    save_tensors,
+)
 from peftkit.core.layer import adapter_layers, per_example_adapters
 from peftkit.core.model_adapter import ModelAdapter
 from peftkit.core.registry import method_for_config
@@ -261,15 +268,26 @@ class PeftModel(nn.Module):
     # -- files ----------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None, **_: Any) -> None:
         """Writes each adapter as a folder (``default`` at the top, others in a subfolder
-        named after them): ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``."""
+        named after them): ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``.
+
+        The folder is replaced as a whole (written beside it, then swapped in): a reader or a
+        crash finds the old adapters or the new ones, never a mix. Other files in it are kept."""
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        if not names:
+            raise ValueError(
+                "there is no adapter to save: " + ("selected_adapters is empty" if self.peft_config else
+                                                   "the model holds none (the last one was deleted); add one first")
+            )
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"no adapter named {unknown}; loaded adapters: {sorted(self.peft_config)}")
         if os.path.isfile(save_directory):
             raise ValueError(f"{os.fspath(save_directory)!r} is a file; save_pretrained needs a folder path")
+        atomic_write_folder(save_directory, lambda root: self._write_adapters(root, names))
+
+    def _write_adapters(self, root: str, names: list[str]) -> None:
         for name in names:
-            directory = os.fspath(save_directory) if name == DEFAULT else os.path.join(save_directory, name)
+            directory = root if name == DEFAULT else os.path.join(root, name)
             os.makedirs(directory, exist_ok=True)
             state = get_peft_model_state_dict(self, name)
             save_tensors(os.path.join(directory, WEIGHTS_NAME), state)

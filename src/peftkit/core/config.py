@@ -7,7 +7,10 @@ Hugging Face PEFT so that ``adapter_config.json`` files move between the two lib
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
+import functools
+import inspect
 import json
 import os
 import warnings
@@ -65,6 +68,27 @@ def _is_trivial(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value == ""
 
 
+@functools.cache
+def _init_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+@functools.cache
+def _takes_any_keyword(cls: type) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+
+
+def _unknown_fields_message(cls: type, unknown: list[str]) -> str:
+    fields = sorted(_init_parameters(cls))
+    parts, guessed_all = [], True
+    for key in unknown:
+        close = difflib.get_close_matches(key, fields, n=1)
+        parts.append(f"{key!r}; did you mean {close[0]!r}?" if close else repr(key))
+        guessed_all = guessed_all and bool(close)
+    message = f"{cls.__name__} got an unexpected keyword argument " + ", and ".join(parts)
+    return message if guessed_all else f"{message} (the fields are {fields})"
+
+
 @dataclass
 class PeftConfig:
     """Fields common to every method.
@@ -81,6 +105,14 @@ class PeftConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PeftConfig:
+        # The dataclass __init__ of each subclass would only say "unexpected keyword
+        # argument"; checked here, once for every method, the error names the closest field.
+        unknown = [k for k in kwargs if k not in _init_parameters(cls)]
+        if unknown and not _takes_any_keyword(cls):
+            raise TypeError(_unknown_fields_message(cls, unknown))
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if isinstance(self.task_type, TaskType):
@@ -143,12 +175,33 @@ class PeftConfig:
                 f"no {CONFIG_NAME} in {os.fspath(directory)!r}: is this an adapter folder written by "
                 "save_pretrained()?"
             )
-        with open(path, encoding="utf-8") as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON ({exc}); the file may be truncated") from exc
-        return cls.from_dict(data)
+        data = _read_json_object(path)
+        if not cls.peft_type and not data.get("peft_type"):
+            raise ValueError(f"{path} has no peft_type; it names the method, e.g. \"peft_type\": \"LORA\"")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            if type(exc) in (TypeError, ValueError, NotImplementedError):  # a field's check: say which file
+                raise type(exc)(f"{path}: {exc}") from exc
+            raise
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object stored in ``path``; a ValueError naming the file says what else it holds."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (some Windows editors) is harmless
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc}); write it as UTF-8 JSON") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the file may be truncated") from exc
+    if not isinstance(data, dict):
+        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
+        raise ValueError(f"{path} holds a JSON {kind}; an adapter config is a JSON object ({{...}})")
+    return data
 
 
 def list_field(default: list[str] | None = None) -> Any:

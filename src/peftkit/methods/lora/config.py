@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Union
 
@@ -26,8 +28,10 @@ class LoraConfig(TargetedConfig):
         use_dora: weight-decomposed LoRA: a trained magnitude per output times the direction
             of ``W₀ + ΔW``.
         init_lora_weights: ``True`` (B = 0, A Kaiming-uniform), ``"gaussian"`` (A ~ N(0, 1/r)),
-            ``"pissa"`` (principal singular vectors; the residual stays in the base weight),
-            or ``False`` (both random: the output changes at once; for tests).
+            ``"pissa"`` (principal singular vectors; the residual stays in the base weight;
+            PEFT's ``"pissa_niter_<n>"`` is read as ``"pissa"``), or ``False`` (both random:
+            the output changes at once; for tests). PEFT's ``"olora"``, ``"orthogonal"``,
+            ``"loftq"``, ``"eva"`` and ``"corda"`` raise NotImplementedError.
         rank_pattern: per-module rank, ``{name or regex: r}``.
         alpha_pattern: per-module α, ``{name or regex: alpha}``.
     """
@@ -45,28 +49,44 @@ class LoraConfig(TargetedConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
-    _INITS: ClassVar[tuple[object, ...]] = (True, False, "gaussian", "pissa")
+    # What PEFT accepts for init_lora_weights and peftkit does not implement (yet).
+    _PEFT_ONLY_INITS: ClassVar[tuple[str, ...]] = ("olora", "orthogonal", "loftq", "eva", "corda")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        _check_alpha("lora_alpha", self.lora_alpha)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith("pissa"):
-            # PEFT also writes "pissa_niter_N" (a faster, approximate SVD): same result in kind.
-            pass
-        elif self.init_lora_weights not in self._INITS:
-            raise ValueError(
-                f"init_lora_weights must be one of True, False, 'gaussian', 'pissa'; got {self.init_lora_weights!r}"
-            )
+        self._check_init()
+        self.rank_pattern = _mapping("rank_pattern", self.rank_pattern, "rank")
+        self.alpha_pattern = _mapping("alpha_pattern", self.alpha_pattern, "alpha")
         for name, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"rank_pattern[{name!r}] must be a positive integer, got {value!r}")
+        for name, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{name!r}]", value)
+
+    def _check_init(self) -> None:
+        init = self.init_lora_weights
+        if isinstance(init, bool) or init in ("gaussian", "pissa"):
+            return
+        # PEFT's "pissa_niter_<n>" asks for a faster, approximate SVD; peftkit computes the
+        # exact one, which that approximates.
+        if isinstance(init, str) and re.fullmatch(r"pissa_niter_[0-9]+", init):
+            return
+        if init in self._PEFT_ONLY_INITS:
+            raise NotImplementedError(
+                f"init_lora_weights={init!r} is a PEFT initialisation that peftkit does not implement; "
+                "use True (the default), 'gaussian' or 'pissa'"
+            )
+        raise ValueError(
+            "init_lora_weights must be one of True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>'; "
+            f"got {init!r}"
+        )
 
     def rank_for(self, module_name: str) -> int:
         for key, value in self.rank_pattern.items():
@@ -83,3 +103,18 @@ class LoraConfig(TargetedConfig):
     def scaling_for(self, module_name: str) -> float:
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _check_alpha(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _mapping(name: str, value: object, what: str) -> dict:
+    """``value`` as a dict, or a TypeError saying what the field holds."""
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{name} must be a mapping {{module name or regex: {what}}}, e.g. {{'q_proj': 16}}; "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return dict(value)

@@ -7,6 +7,7 @@ Parameter containers carry PEFT's names (``lora_A``, ``lora_B``, ``lora_embeddin
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,6 +103,13 @@ class LoraLayer(AdapterLayer):
     def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         weight = self.base_layer.weight
         r = config.rank_for(module_name)
+        if r > (most := full_rank(self.base_layer)):
+            warnings.warn(
+                f"{module_name}: r={r} is larger than the layer's smaller dimension ({most}), so the update "
+                f"cannot reach rank {r} and the extra rank only adds parameters; use r <= {most} here "
+                "(rank_pattern sets it per layer)",
+                stacklevel=2,
+            )
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = config.alpha_for(module_name)
         self.scaling[adapter_name] = config.scaling_for(module_name)
@@ -471,6 +479,18 @@ def is_lora_supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding, *_CONV_TYPES)) or is_transformers_conv1d(module)
 
 
+def full_rank(base: nn.Module) -> int:
+    """The highest rank a weight update of ``base`` can have: its weight's smaller dimension
+    (a convolution's weight seen as out × in·kernel)."""
+    if isinstance(base, nn.Embedding):
+        return min(base.num_embeddings, base.embedding_dim)
+    if isinstance(base, _CONV_TYPES):
+        return min(base.out_channels, base.in_channels // base.groups * math.prod(base.kernel_size))
+    if hasattr(base, "in_features") and hasattr(base, "out_features"):  # also quantised layers' packed weights
+        return min(base.in_features, base.out_features)
+    return min(base.weight.shape)  # transformers Conv1D
+
+
 def check_lora_target(module: nn.Module, config: LoraConfig, module_name: str) -> None:
     """Raises when ``config`` cannot adapt ``module`` (the module itself, or the base of an
     existing LoRA layer). Runs for every target before the model is changed: PiSSA rewrites
@@ -486,6 +506,11 @@ def check_lora_target(module: nn.Module, config: LoraConfig, module_name: str) -
         raise ValueError(f"{module_name}: init_lora_weights='pissa' needs a linear layer, not {kind}")
     if isinstance(init, str) and init.startswith("pissa") and quantized_kind(base):
         raise ValueError(f"{module_name}: init_lora_weights='pissa' rewrites the base weight and needs a float layer, not a quantised {kind}")
+    if isinstance(init, str) and init.startswith("pissa") and config.rank_for(module_name) > full_rank(base):
+        raise ValueError(
+            f"{module_name}: init_lora_weights='pissa' takes r={config.rank_for(module_name)} singular vectors, but the "
+            f"layer has {full_rank(base)}; use r <= {full_rank(base)} here (rank_pattern sets it per layer)"
+        )
     if config.fan_in_fan_out and isinstance(base, nn.Linear):
         raise ValueError(f"{module_name}: fan_in_fan_out=True but it is an nn.Linear (weight stored out × in)")
 
