@@ -223,7 +223,7 @@ def method_config(config: RunConfig) -> Any:
         kwargs["task_type"] = task_type
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, NotImplementedError) as exc:
         raise ConfigError(f"method ({method.peft_type}): {exc}") from exc
 
 
