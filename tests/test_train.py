@@ -287,10 +287,12 @@ def test_sst2_shortened_run_beats_chance(tmp_path):
     raw = {
         "task": "classification",
         "model": {"name": "minilm", "max_length": 64},
-        "data": {"train": str(SST2 / "train.jsonl"), "validation": str(SST2 / "test.jsonl"), "max_train_examples": 1200, "max_eval_examples": 300},
+        "data": {"train": str(SST2 / "train.jsonl"), "validation": str(SST2 / "validation.jsonl"), "max_train_examples": 1200, "max_eval_examples": 300},
         "method": {"name": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]},
         "train": {"epochs": 1, "batch_size": 32, "lr": 5e-3, "seed": 0, "log_every": 50},
         "output_dir": str(tmp_path / "sst2"),
     }
     summary = run_training(build_config(raw), quiet=True)
-    assert summary["metric_after"]["accuracy"] >= 0.70
+    assert summary["metric_after"]["accuracy"] >= 0.70  # on validation.jsonl, which chose the checkpoint
+    # the GLUE dev set (test.jsonl), never seen while training or choosing
+    assert cli_main(["eval", str(tmp_path / "sst2"), "--data", str(SST2 / "test.jsonl")]) == 0
