@@ -18,6 +18,7 @@ __all__ = [
     "assert_rounding_close",
     "base_name",
     "frozen_snapshot",
+    "is_base_parameter",
     "loss_of",
     "perturb",
     "rounding_tolerance",
