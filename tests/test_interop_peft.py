@@ -1,4 +1,5 @@
-"""Adapter files move both ways between peftkit and Hugging Face PEFT with identical outputs."""
+"""Adapter files move both ways between peftkit and Hugging Face PEFT: the same tensors, and
+the same outputs within float32 rounding."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapter_checks import perturb
+from adapter_checks import INTEROP_REL, assert_rounding_close, perturb
 from models import build, inputs_for, output_of
 from peftkit import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
@@ -48,9 +49,7 @@ def _quiet(fn, *args, **kwargs):
 
 
 def _assert_same_outputs(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    """Equal to the last bit, but for the rounding of a fused LoRA layer whose scaling α/r is
-    not a power of two (``methods/lora/fused.py``): then within float32 rounding."""
-    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert_rounding_close(ours, theirs, INTEROP_REL)
 
 
 def _peft_model(kind: str, kwargs: dict[str, Any]):
@@ -129,10 +128,10 @@ def test_second_adapter_peft_to_peftkit(tmp_path) -> None:
     ours.load_adapter(tmp_path / "other", "other")
     got = _outputs_per_adapter(ours, inputs)
     for name in expected:
-        assert torch.equal(got[name], expected[name]), name
+        _assert_same_outputs(got[name], expected[name])
     alone = PeftModel.from_pretrained(build("bert"), tmp_path, subfolder="other", adapter_name="other")
     assert alone.active_adapters == ["other"]
-    assert torch.equal(output_of(alone, inputs), expected["other"])
+    _assert_same_outputs(output_of(alone, inputs), expected["other"])
 
 
 def test_second_adapter_peftkit_to_peft(tmp_path) -> None:
@@ -146,10 +145,10 @@ def test_second_adapter_peftkit_to_peft(tmp_path) -> None:
     _quiet(theirs.load_adapter, tmp_path / "other", "other")
     got = _outputs_per_adapter(theirs, inputs)
     for name in expected:
-        assert torch.equal(got[name], expected[name]), name
+        _assert_same_outputs(got[name], expected[name])
     # PEFT's own subfolder argument finds the same adapter
     again = _quiet(peft.PeftModel.from_pretrained, build("bert"), tmp_path, subfolder="other", adapter_name="other")
-    assert torch.equal(output_of(again, inputs), expected["other"])
+    _assert_same_outputs(output_of(again, inputs), expected["other"])
 
 
 def test_peft_config_file_loads_without_warning(tmp_path) -> None:

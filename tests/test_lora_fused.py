@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapter_checks import perturb
+from adapter_checks import FLOAT32_EPS, assert_rounding_close, perturb, rounding_tolerance
 from models import build, inputs_for
 from peftkit import LoraConfig, get_peft_model
 from peftkit.core.layer import adapter_layers
@@ -40,12 +40,14 @@ def test_fused_matches_separate_operations(scaling: float, dropout: bool, x_grad
         y = fn(x, xd, weight, bias, a, b, scaling)
         outs.append(y)
         grads.append(torch.autograd.grad(y, wanted, grad_out))
-    if scaling == 2.0:  # a power of two scales exactly: no rounding may differ
-        assert torch.equal(outs[0], outs[1])
-        assert all(torch.equal(p, q) for p, q in zip(*grads, strict=True))
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
-    for p, q in zip(*grads, strict=True):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+    # The two forms multiply the same matrices in other layouts (addmm_ into the base output,
+    # (uᵀg)ᵀ for B's gradient), and BLAS kernels round those differently from one CPU to the
+    # next, whatever the scaling: equal within float32 rounding of the longest sum, over
+    # max(in 16, out 24, rows 3·5) terms. (Measured: at most 2.4 eps of the largest entry.)
+    rel = rounding_tolerance(max(16, 24, 3 * 5))
+    assert_rounding_close(outs[0], outs[1], rel)
+    for name, p, q in zip(("x", "A", "B")[3 - len(wanted):], *grads, strict=True):
+        assert_rounding_close(p, q, rel, msg=f"gradient of {name}")
     assert outs[0].shape == (3, 5, 24)
 
 
@@ -70,14 +72,16 @@ def _first_lora(model: nn.Module) -> LoraLinear:
 
 
 def _train_losses(model: nn.Module, kind: str, steps: int = 4) -> list[float]:
+    """SGD steps on the task's own loss (cross-entropy: gradients of order 1, so that every
+    LoRA weight moves well past its rounding and a wrong gradient shows)."""
     torch.manual_seed(0)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     inputs = inputs_for(kind)
+    labels = inputs["input_ids"] if kind == "gpt2" else torch.tensor([0, 1, 1])
     losses = []
     model.train()
     for _ in range(steps):
-        out = model(**inputs)
-        loss = out.logits.float().pow(2).mean() if "loss" not in out or out.loss is None else out.loss
+        loss = model(**inputs, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -88,15 +92,32 @@ def _train_losses(model: nn.Module, kind: str, steps: int = 4) -> list[float]:
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])  # nn.Linear; GPT-2's Conv1D (weight in × out)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_training_is_the_same_on_either_path(kind: str, dropout: float, monkeypatch) -> None:
+    steps = 4
     fused = _tiny_lora(kind, lora_dropout=dropout)
     general = copy.deepcopy(fused)
+    start = {n: p.detach().clone() for n, p in fused.named_parameters()}
     assert _first_lora(fused).fused_adapter(torch.zeros(1, 32), (), {}) == "default"
-    fused_losses = _train_losses(fused, kind)
+    fused_losses = _train_losses(fused, kind, steps)
     monkeypatch.setattr(LoraLinear, "fused_adapter", lambda self, x, args, kwargs: None)
-    general_losses = _train_losses(general, kind)
-    assert fused_losses == general_losses  # scaling α/r = 2: exact
+    general_losses = _train_losses(general, kind, steps)
+    # Both paths compute the same function, but their products round differently (see
+    # test_fused_matches_separate_operations), so training agrees within float32 rounding
+    # that adds up step by step. A step's gradients may differ by a rounding of the longest
+    # sum in these models (GPT-2's feed-forward, 4·32 wide), and the weights they update
+    # by up to one ulp more (each side rounds w + Δw to nearest). Over a few steps the runs
+    # stay close enough for a difference to propagate only to first order: the bounds add
+    # up linearly, one per step.
+    grad_rel = rounding_tolerance(4 * 32)
+    loss_rel = steps * grad_rel
+    torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(general_losses), rtol=loss_rel, atol=0.0)
     for (n, p), (_, q) in zip(fused.named_parameters(), general.named_parameters(), strict=True):
-        assert torch.equal(p, q), n
+        if not q.requires_grad:
+            assert torch.equal(p, q), f"frozen {n} changed"
+            continue
+        moved = (q - start[n]).abs().max().item()  # the size of the updates, all steps together
+        assert moved > 0, f"{n} did not train"
+        atol = steps * (FLOAT32_EPS * q.abs().max().item() + grad_rel * moved)
+        torch.testing.assert_close(p, q, rtol=0.0, atol=atol, msg=n)
 
 
 def test_general_path_where_fusing_does_not_apply() -> None:

@@ -1,6 +1,7 @@
 """Soft prompts (prompt tuning, prefix tuning, P-tuning) on BERT-, GPT-2-, Llama- and
-T5-style tiny models: training leaves the base alone, generation, padding, files, PEFT
-interop, and a learning test."""
+T5-style tiny models: training on the task's labels, generation, padding, files, PEFT
+interop, and a learning test. The invariants (frozen base, save -> load, disabling,
+unloading, the refused merge) are in tests/test_invariants.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapter_checks import INTEROP_REL, assert_rounding_close
 from models import VOCAB, build
 from peftkit import (
     PeftModel,
@@ -126,12 +128,11 @@ def test_seq2seq_prompt_table_holds_both_submodules_and_prefix_uses_kv_width():
 
 @pytest.mark.parametrize("kind", sorted(TASKS))
 @pytest.mark.parametrize("method", METHODS)
-def test_training_changes_only_the_adapter(kind, method):
+def test_training_on_the_task_labels_lowers_the_task_loss(kind, method):
+    """The task's own loss (labels, train mode, padded batch) trains the prompt. Which
+    parameters train and that the base stays frozen: tests/test_invariants.py."""
     torch.manual_seed(0)
     model = get_peft_model(build(kind), config_for(method, TASKS[kind]))
-    frozen = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
-    trained = {k for k, p in model.named_parameters() if p.requires_grad}
-    assert all(k.startswith("model_adapters.") or ".modules_to_save." in k for k in trained)
     inputs = batch_for(kind, (7, 5, 6))
     labels = {"bert": torch.tensor([0, 1, 1]), "gpt2": inputs["input_ids"], "llama": inputs["input_ids"],
               "t5": torch.randint(1, VOCAB, (3, 5))}[kind]
@@ -147,9 +148,6 @@ def test_training_changes_only_the_adapter(kind, method):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    for k, p in model.named_parameters():
-        if k in frozen:
-            assert torch.equal(p, frozen[k]), k
 
 
 def test_causal_labels_of_virtual_positions_are_ignored():
@@ -424,7 +422,7 @@ def test_peft_reads_ours_and_we_read_peft(kind, method, tmp_path):
         if "does not support past key values" not in str(exc):
             raise
         pytest.skip(f"peft {peft.__version__} cannot run prefix tuning on this transformers release: {exc}")
-    assert torch.equal(theirs_logits, logits(ours, inputs))
+    assert_rounding_close(theirs_logits, logits(ours, inputs), INTEROP_REL)  # two libraries: within rounding
     if kind != "bert":
         ids = inputs["input_ids"][:1, :5]
         gen = {"input_ids": ids, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
@@ -439,7 +437,7 @@ def test_peft_reads_ours_and_we_read_peft(kind, method, tmp_path):
     made.save_pretrained(tmp_path / "peft")
     read = PeftModel.from_pretrained(lively(kind), tmp_path / "peft")
     reread = peft.PeftModel.from_pretrained(lively(kind), tmp_path / "peft").eval()
-    assert torch.equal(logits(read, inputs), logits(reread, inputs))
+    assert_rounding_close(logits(read, inputs), logits(reread, inputs), INTEROP_REL)
     torch.testing.assert_close(logits(read, inputs), logits(made, inputs), atol=1e-5, rtol=1e-5)
 
 
@@ -459,25 +457,6 @@ def test_two_prompt_adapters_switch_and_delete():
     model.delete_adapter("other")
     assert model.active_adapters == ["default"]
     assert torch.equal(logits(model, inputs), first)
-
-
-def test_prompts_cannot_be_merged_but_unload_gives_the_base():
-    base = build("bert")
-    want = logits(base, batch_for("bert"))
-    model = get_peft_model(base, config_for("prompt", "SEQ_CLS"))
-    with pytest.raises(NotImplementedError, match="cannot be merged"):
-        model.merge_and_unload()
-    assert torch.equal(logits(model.unload(), batch_for("bert")), want)
-
-
-def test_disable_adapter_gives_base_classification():
-    base = build("bert")
-    want = logits(base, batch_for("bert"))
-    model = get_peft_model(base, config_for("prefix", "SEQ_CLS")).eval()
-    perturb(model)
-    assert not torch.allclose(logits(model, batch_for("bert")), want)
-    with model.disable_adapter():
-        assert torch.equal(logits(model, batch_for("bert")), want)
 
 
 @pytest.mark.parametrize(
