@@ -6,7 +6,8 @@ width, in the forward pass and again in the backward pass. Here the adapter's pr
 accumulated into the base output by the matrix multiply itself (``addmm_`` with β = 1), the
 scaling is applied to rank-r tensors only, and the backward pass accumulates the adapter's
 input gradient into the base's (again with ``addmm_``). The arithmetic is the same; only the
-last bits of a sum may round differently, and not at all when s is a power of two.
+last bits of a sum may round differently (how much depends on the BLAS kernels of the CPU
+or GPU, whatever the scaling), so the two paths agree within float32 rounding.
 
 The base weight and bias must be frozen: their gradients are not computed.
 """

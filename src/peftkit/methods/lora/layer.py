@@ -227,7 +227,8 @@ class LoraLayer(AdapterLayer):
         bias = getattr(self.base_layer, "bias", None)
         base = result if bias is None else result - bias.view([-1 if i == self.channel_dim(result) else 1 for i in range(result.dim())])
         lora = self.unscaled_branch(name, x).to(result.dtype)
-        # Added to result in this order, outputs agree bit for bit with Hugging Face PEFT's.
+        # Added to result in this order, as Hugging Face PEFT does, outputs agree with PEFT's
+        # within float32 rounding.
         return (scale - 1) * base + scale * lora * self.scaling[name]
 
     def channel_dim(self, result: torch.Tensor) -> int:
