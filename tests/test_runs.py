@@ -334,3 +334,45 @@ def test_fuzzed_example_configs_give_a_clean_error_or_a_valid_run(tmp_path, caps
             outcomes[code] += 1
     capsys.readouterr()
     assert outcomes[2] > 0 and sum(outcomes.values()) >= 250
+
+
+def test_cpu_threads_follow_the_setting_the_environment_or_the_idle_cores(monkeypatch):
+    from peftkit.train.loop import cpu_threads
+
+    assert cpu_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(None) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert cpu_threads(None) == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))  # another process keeps one core busy
+    assert cpu_threads(None) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert cpu_threads(None) == 1
+
+
+def test_clear_errors_for_undecodable_files_missing_inputs_and_too_long_inputs(workspace, tmp_path, capsys):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "fine", "label": "pos"}\n{"text": "caf\xe9", "label": "neg"}\n')
+    raw = _config(workspace, tmp_path / "run")
+    raw["data"]["train"] = str(latin)
+    with pytest.raises(ConfigError, match=r"latin.jsonl:2 is not valid utf-8.*data.encoding"):
+        run_training(build_config(raw), quiet=True)
+    raw["data"]["encoding"] = "latin-1"
+    from peftkit.train.data import prepare_task_data
+    from peftkit.train.plugins import get_task
+
+    cfg = build_config(raw)
+    assert prepare_task_data(get_task(cfg.task), cfg.data, 0).train[1]["text"] == "café"
+    raw["data"]["encoding"] = "klingon"
+    with pytest.raises(ConfigError, match="not a text encoding"):
+        build_config(raw)
+    run_dir = tmp_path / "done"
+    run_training(build_config(_config(workspace, run_dir, max_steps=1)), quiet=True)
+    assert cli_main(["predict", str(run_dir), "--input", str(tmp_path / "nope.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    too_long = _config(workspace, tmp_path / "long")
+    too_long["model"]["max_length"] = 4096
+    with pytest.raises(ConfigError, match="more than the 128 positions"):
+        run_training(build_config(too_long), quiet=True)

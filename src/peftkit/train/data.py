@@ -55,13 +55,37 @@ def load_saved_dataset(path: str) -> Any:
     return data
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
-    """All records of a data file as dicts."""
+def _undecodable(path: str, encoding: str, exc: UnicodeDecodeError) -> ConfigError:
+    """The line of ``path`` that ``encoding`` cannot decode, as a config error."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError:
+                break
+        else:
+            number = 0
+    where = f"{path}:{number}" if number else path
+    return ConfigError(f"{where} is not valid {encoding} ({exc.reason} at byte {exc.start} of the line); convert the file, "
+                       "or set data.encoding to its encoding (e.g. latin-1, cp1252, utf-16)")
+
+
+def read_records(path: str, encoding: str = "utf-8") -> list[dict[str, Any]]:
+    """All records of a data file as dicts (text files decoded with ``encoding``)."""
+    try:
+        return _read_records(path, encoding)
+    except UnicodeDecodeError as exc:
+        raise _undecodable(path, encoding, exc) from exc
+
+
+def _read_records(path: str, encoding: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        raise ConfigError(f"data file {path!r} does not exist")
     if os.path.isdir(path):
         return [dict(row) for row in load_saved_dataset(path)]
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding=encoding) as fh:
             if ext == ".json" and fh.read(1) == "[":
                 fh.seek(0)
                 return list(json.load(fh))
@@ -75,7 +99,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
                         raise ConfigError(f"{path}:{number} is not valid JSON: {exc}") from exc
             return out
     if ext in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding=encoding, newline="") as fh:
             return list(csv.DictReader(fh, delimiter="\t" if ext == ".tsv" else ","))
     if ext == ".parquet":
         try:

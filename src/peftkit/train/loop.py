@@ -150,6 +150,7 @@ class Run:
         from peftkit import get_peft_model
 
         self.cfg, t = cfg, cfg.train
+        torch.set_num_threads(cpu_threads(t.threads))
         mixed = t.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -241,6 +242,24 @@ class Run:
         """Trains on the labelled records plus ``extra`` from now on."""
         self.state.extra_records = extra
         self.train_items = self.labelled_items + self.parts.encode_all(extra)
+
+
+def cpu_threads(wanted: int | None) -> int:
+    """The CPU threads a run uses: ``wanted``; else ``OMP_NUM_THREADS`` when set; else the
+    cores this process may use less those other processes keep busy (the 1-minute load
+    average), at least one. Threads beyond the idle cores spin against the other processes:
+    on a loaded 2-core machine two threads trained several times slower than one."""
+    if wanted:
+        return wanted
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, cores - int(busy + 0.5)))
 
 
 def _hooks(cfg: RunConfig) -> list[TrainingHooks]:
@@ -617,8 +636,8 @@ def _interrupts() -> Iterator[_Interrupts]:
 RUN_FILES = ("adapter", CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old", "metrics.jsonl", "summary.json", "config.yaml",
              "labels.json", "training_curve.png")
 #: settings that change how a run is watched, not what it computes: ``--resume`` accepts changes
-WATCHING = ("train.log_every", "train.eval_batch_size", "train.checkpoint_every", "train.checkpoint_minutes", "output_dir",
-            "compare")
+WATCHING = ("train.log_every", "train.eval_batch_size", "train.checkpoint_every", "train.checkpoint_minutes", "train.threads",
+            "output_dir", "compare")
 
 
 def _checkpoint_path(out: str) -> str | None:
@@ -741,4 +760,5 @@ def _summary(run: Run) -> dict[str, Any]:
         "throughput_unit": f"{run.task.unit}/s",
         "adapter_bytes": os.path.getsize(weights) if os.path.isfile(weights) else 0,
         "processes": run.accelerator.num_processes,
+        "threads": torch.get_num_threads(),
     }

@@ -60,6 +60,7 @@ class DataSection:
         train: a JSONL, CSV or Parquet file, or a saved datasets folder (tasks may read more).
         validation: the same for validation; or split off ``validation_fraction`` of train.
         max_train_examples / max_eval_examples: keep the first n records.
+        encoding: the text encoding of JSONL/CSV files.
     """
 
     train: str = path_field("")
@@ -67,8 +68,15 @@ class DataSection:
     validation_fraction: float = 0.0
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError as exc:
+            raise ConfigError(f"data.encoding {self.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1)") from exc
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -101,6 +109,8 @@ class TrainSection:
     # a checkpoint at least this often (minutes of wall time), so a long epoch is never lost whole
     checkpoint_minutes: float | None = 10.0
     log_every: int = 10
+    # CPU threads of torch; None: OMP_NUM_THREADS if set, else the cores other processes leave idle
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -110,7 +120,7 @@ class TrainSection:
         for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "early_stopping_patience"):
+        for name in ("max_steps", "eval_every", "checkpoint_every", "early_stopping_patience", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} must be at least 1 (or left out), got {value}")

@@ -321,7 +321,7 @@ class AudioClassificationTask(Task):
         elif os.path.isdir(path):
             records = _read_saved_dataset(path, data.audio_column)
         else:
-            records = read_records(path)
+            records = read_records(path, data.encoding)
         for r in records:  # relative paths are relative to the data file
             value = r.get(data.audio_column)
             if isinstance(value, str) and not os.path.isabs(value):

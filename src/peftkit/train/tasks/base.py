@@ -214,7 +214,7 @@ class Task:
         """All records of ``path`` (a task may know more layouts, e.g. an image folder)."""
         from peftkit.train.data import read_records
 
-        return read_records(path)
+        return read_records(path, getattr(data, "encoding", "utf-8"))
 
     # -- model --------------------------------------------------------------------------
     def load(self, cfg: RunConfig, labels: list[Any] | None) -> tuple[Any, Any]:

@@ -221,7 +221,7 @@ class TextToImageTask(Task):
             for r in records:
                 r[data.caption_column] = r[data.caption_column].replace("_", " ")
             return records
-        return read_image_table(path, data.image_column)
+        return read_image_table(path, data.image_column, data.encoding)
 
     def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
         require_column(records, data.image_column, path, "data.image_column")

@@ -114,12 +114,12 @@ def load_image(value: Any, base_dir: str) -> Any:
     raise ConfigError(f"cannot read an image from a value of type {type(value).__name__}; give a file path or an image")
 
 
-def read_image_table(path: str, image_column: str) -> list[dict[str, Any]]:
+def read_image_table(path: str, image_column: str, encoding: str = "utf-8") -> list[dict[str, Any]]:
     """The records of a table (or saved dataset) whose relative image paths are made
     relative to the table's folder."""
     from peftkit.train.data import data_folder, read_records
 
-    records = read_records(path)
+    records = read_records(path, encoding)
     base = data_folder(path)
     for r in records:
         value = r.get(image_column)
@@ -156,7 +156,7 @@ class ImageClassificationTask(Task):
         records = read_image_folder(path, data.image_column, data.label_column)
         if records is not None:
             return records
-        return read_image_table(path, data.image_column)
+        return read_image_table(path, data.image_column, data.encoding)
 
     def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
         require_column(records, data.image_column, path, "data.image_column")
