@@ -57,15 +57,15 @@ def load_saved_dataset(path: str) -> Any:
 
 def _undecodable(path: str, encoding: str, exc: UnicodeDecodeError) -> ConfigError:
     """The line of ``path`` that ``encoding`` cannot decode, as a config error."""
+    bad = 0
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, 1):
             try:
                 raw.decode(encoding)
             except UnicodeDecodeError:
+                bad = number
                 break
-        else:
-            number = 0
-    where = f"{path}:{number}" if number else path
+    where = f"{path}:{bad}" if bad else path
     return ConfigError(f"{where} is not valid {encoding} ({exc.reason} at byte {exc.start} of the line); convert the file, "
                        "or set data.encoding to its encoding (e.g. latin-1, cp1252, utf-16)")
 
