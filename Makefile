@@ -35,7 +35,7 @@ $(CORE_STAMP): pyproject.toml | $(CORE_BIN)/python
 	touch $(CORE_STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/peftkit train examples/demo.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/peftkit train examples/demo.yaml --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -ra
