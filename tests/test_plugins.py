@@ -330,3 +330,63 @@ def test_self_training_config_errors(workspace, tmp_path):
     gen["train"]["self_training"] = {"unlabeled": str(workspace["train"])}
     with pytest.raises(ConfigError, match="predicts classes"):
         build_config(gen)
+
+
+# -- users' own methods -------------------------------------------------------------------------
+USER_METHOD = '''
+from dataclasses import dataclass
+from typing import ClassVar
+
+from peftkit.core.registry import Method, register_method
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.bitfit.layer import SUPPORTED, create_bitfit_layer, has_bias
+
+
+@dataclass
+class QueryBiasConfig(BitFitConfig):
+    """BitFit on the attention queries only."""
+
+    peft_type: ClassVar[str] = "QUERY_BIAS"
+
+
+METHOD = register_method(Method(
+    peft_type="QUERY_BIAS", config_cls=QueryBiasConfig, description="the queries' biases", supported=SUPPORTED,
+    is_supported=has_bias, create_layer=create_bitfit_layer, default_targets=lambda model: ["query"],
+    presets={"query_bias": {"method": {"name": "query_bias"}, "train": {"lr": 1e-2}}},
+))
+'''
+
+
+def test_a_users_method_from_a_file_trains_and_its_run_reloads(workspace, tmp_path, capsys):
+    (tmp_path / "my_methods.py").write_text(textwrap.dedent(USER_METHOD))
+    raw = _config(workspace, tmp_path / "run", max_steps=2)
+    raw["method"] = {"name": "my_methods.py:METHOD"}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    from peftkit.cli import main as cli_main
+
+    assert cli_main(["train", str(path), "--quiet"]) == 0
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "QUERY_BIAS"
+    keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert keys and all("query" in k or "classifier" in k for k in keys)
+    assert cli_main(["eval", str(tmp_path / "run"), "--data", str(workspace["val"])]) == 0
+    assert '"accuracy"' in capsys.readouterr().out
+    raw["method"] = {"name": "my_methods.py:QueryBiasConfig"}  # its config class names it too
+    assert build_config(raw, base_dir=str(tmp_path)).method["name"].endswith("my_methods.py:QueryBiasConfig")
+    raw["method"] = {"name": "my_methods.py:SUPPORTED"}
+    with pytest.raises(ConfigError, match="neither a registered Method"):
+        build_config(raw, base_dir=str(tmp_path))
+
+
+def test_an_installed_method_is_found_through_its_entry_point(tmp_path):
+    (tmp_path / "my_methods.py").write_text(textwrap.dedent(USER_METHOD))
+    dist = tmp_path / "my_methods-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-methods\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[peftkit.methods]\nquery_bias = my_methods:METHOD\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-m", "peftkit.cli", "methods", "--presets"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "QUERY_BIAS" in out.stdout and "compare preset query_bias" in out.stdout

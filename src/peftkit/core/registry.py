@@ -103,16 +103,28 @@ def register_method(method: Method) -> Method:
     return method
 
 
+#: the entry-point group through which installed packages add methods: each entry names a
+#: module (importing it registers its methods) or a registered :class:`Method`
+ENTRY_POINT_GROUP = "peftkit.methods"
+
+
 def _load_builtins() -> None:
-    """Imports every package under ``peftkit.methods``; each registers its method."""
+    """Imports every package under ``peftkit.methods`` (each registers its method), then the
+    methods installed packages add through the ``peftkit.methods`` entry points."""
     global _loaded
     if _loaded:
         return
+    _loaded = True
     import peftkit.methods
 
     for info in pkgutil.iter_modules(peftkit.methods.__path__):
         importlib.import_module(f"peftkit.methods.{info.name}")
-    _loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        found = entry.load()
+        if isinstance(found, Method):
+            register_method(found)
 
 
 def get_method(peft_type: str) -> Method:

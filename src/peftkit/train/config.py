@@ -26,6 +26,7 @@ from peftkit.train.schema import (
     coerce,
     parse_section,
 )
+from peftkit.train.specs import load_object
 
 __all__ = ["ConfigError", "DataSection", "ModelSection", "RunConfig", "TrainSection", "apply_overrides", "build_config",
            "load_config", "method_config", "method_training_options", "split_method"]
@@ -106,6 +107,10 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
         method = {"name": method}
     if not isinstance(method, dict) or "name" not in method:
         raise ConfigError("method must be a mapping with a name and its options, e.g. {name: <method>, r: 8}; `peftkit methods` lists the methods")
+    if is_spec(str(method["name"])):
+        file, _, attr = str(method["name"]).rpartition(":")
+        if file.endswith(".py"):  # relative to the config file, recorded absolute
+            method = {**method, "name": f"{_near(file, base_dir)}:{attr}"}
     train_raw = raw.get("train") or {}
     if not isinstance(train_raw, dict):
         raise ConfigError(f"train must be a mapping, got {type(train_raw).__name__}")
@@ -175,11 +180,21 @@ def read_raw_config(path: str, overrides: list[str] | None = None) -> tuple[dict
     return apply_overrides(raw, overrides or []), os.path.dirname(os.path.abspath(path))
 
 
-def resolve_method_name(name: str) -> str:
+def resolve_method_name(name: str, base_dir: str = ".") -> str:
+    """The ``peft_type`` of ``method.name``: a registered method (any spelling), or a spec
+    ``my_methods.py:METHOD`` / ``package.module:METHOD`` naming a registered ``Method`` (or its
+    config class); importing the file or module registers it."""
     import difflib
 
     from peftkit import list_methods
+    from peftkit.core.registry import Method
 
+    if is_spec(str(name)):
+        found = load_object(str(name), base_dir, "method.name", "method")
+        peft_type = found.peft_type if isinstance(found, Method) or isinstance(getattr(found, "peft_type", None), str) else None
+        if not peft_type or peft_type not in list_methods():
+            raise ConfigError(f"method.name {name!r} is neither a registered Method nor the config class of one")
+        return peft_type
     known = list(list_methods())
     wanted = str(name).upper().replace("-", "_")
     if wanted in known:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Any
 
 from peftkit.train.schema import ConfigError
@@ -25,12 +26,20 @@ def load_object(spec: str, base_dir: str = ".", setting: str = "task", what: str
         path = target if os.path.isabs(target) or os.path.exists(target) else os.path.join(base_dir, target)
         if not os.path.isfile(path):
             raise ConfigError(f"{setting} {spec!r}: file {target!r} does not exist")
+        path = os.path.abspath(path)
         module_name = "peftkit_user_" + os.path.splitext(os.path.basename(path))[0]
-        spec_obj = importlib.util.spec_from_file_location(module_name, path)
-        if spec_obj is None or spec_obj.loader is None:
-            raise ConfigError(f"{setting} {spec!r}: {path!r} cannot be imported")
-        module = importlib.util.module_from_spec(spec_obj)
-        spec_obj.loader.exec_module(module)
+        module = sys.modules.get(module_name)
+        if module is None or getattr(module, "__file__", None) != path:  # each file is run once per process
+            spec_obj = importlib.util.spec_from_file_location(module_name, path)
+            if spec_obj is None or spec_obj.loader is None:
+                raise ConfigError(f"{setting} {spec!r}: {path!r} cannot be imported")
+            module = importlib.util.module_from_spec(spec_obj)
+            sys.modules[module_name] = module
+            try:
+                spec_obj.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
     else:
         try:
             module = importlib.import_module(target)
