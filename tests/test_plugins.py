@@ -27,7 +27,7 @@ from test_train import _config, _sentiment_rows, _tiny_model_dir, _write_jsonl
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "peftkit"
 SHARED = ["config.py", "schema.py", "data.py", "loop.py", "compare.py", "run.py", "plugins.py", "extension.py", "evaluate.py",
-          "report.py", "modeling.py", "specs.py", "__init__.py"]
+          "report.py", "modeling.py", "specs.py", "outputs.py", "interrupts.py", "__init__.py"]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from peftkit.train.loop import dry_run
+        from peftkit.train.outputs import dry_run
 
         dry_run(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
         return 0

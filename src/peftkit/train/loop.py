@@ -17,33 +17,32 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftkit.core.io import WEIGHTS_NAME, atomic_write_text, save_tensors
+from peftkit.core.io import atomic_write_text, save_tensors
 from peftkit.core.training import TrainingHooks, run_hooks
 from peftkit.train.config import method_config, method_training_options, split_method
 from peftkit.train.data import batch_order, prepare_task_data
 from peftkit.train.evaluate import metric_direction
+from peftkit.train.interrupts import Interrupts, handle_interrupts
+from peftkit.train.outputs import CHECKPOINT, checkpoint_path, prepare_output_dir
 from peftkit.train.plugins import EXTENSIONS, get_task
-from peftkit.train.report import plot_history, summary_table
+from peftkit.train.report import format_metrics, plot_history, run_summary, summary_table
 from peftkit.train.run import Prepared
 from peftkit.train.schema import ConfigError, RunConfig
 from peftkit.train.tasks.base import to_device
 
-__all__ = ["RunState", "config_changes", "dry_run", "prepare_output_dir", "run_training"]
+__all__ = ["RunState", "cpu_threads", "run_training"]
 
-CHECKPOINT = "checkpoint"
 
 
 @dataclass
@@ -189,7 +188,7 @@ class Run:
         self.eval_every = 1
         self.micro_losses: list[float] = []  # losses of the micro-batches of a step not yet taken
         self.saved_at = time.monotonic()
-        self.interrupts = _Interrupts()
+        self.interrupts = Interrupts()
         self.out = cfg.output_dir
         self.progress = _Progress(self.main and not quiet, self.task.unit)
 
@@ -306,10 +305,10 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, over
         run.log(f"resumed from step {run.state.step}")
     _open_metrics(run, resumed=saved is not None)
     try:
-        with _interrupts() as run.interrupts:
+        with handle_interrupts() as run.interrupts:
             if run.state.metric_before is None and run.val_items:
                 run.state.metric_before = _evaluate(run)
-                run.log(f"before training: {_fmt(run.state.metric_before)}")
+                run.log(f"before training: {format_metrics(run.state.metric_before)}")
             if run.state.pending_eval:  # interrupted during an evaluation: make it now
                 _evaluate_and_select(run)
                 _save_checkpoint(run)
@@ -457,7 +456,7 @@ def _evaluate_and_select(run: Run) -> None:
         else:
             state.bad_evals += 1
         state.pending_eval = False
-    run.log(f"step {state.step}: {_fmt(result)}" + ("  (best)" if better else ""))
+    run.log(f"step {state.step}: {format_metrics(result)}" + ("  (best)" if better else ""))
     patience = run.cfg.train.early_stopping_patience
     if patience and state.bad_evals >= patience:
         run.log(f"early stopping: {run.metric} did not improve in {state.bad_evals} evaluations")
@@ -495,7 +494,7 @@ def _finish(run: Run) -> dict[str, Any]:
         _save_adapter(run)
     state.finished = True
     _save_checkpoint(run)
-    summary = _summary(run)
+    summary = run_summary(run)
     if run.main:
         import yaml
 
@@ -562,7 +561,7 @@ def _write_checkpoint(run: Run) -> None:
 
 def _read_checkpoint(run: Run) -> dict[str, Any] | None:
     """The checkpoint of the run's folder, or None; sets the run's state and records from it."""
-    path = _checkpoint_path(run.out)
+    path = checkpoint_path(run.out)
     if path is None:
         return None
     from safetensors.torch import load_file
@@ -584,181 +583,3 @@ def _restore(run: Run, blob: dict[str, Any]) -> None:
     run.scheduler.load_state_dict(blob["scheduler"])
     _set_rng_state(blob["rng"])
     run.rng = blob["rng"]
-
-
-class _Interrupts:
-    """Ctrl-C (SIGINT) and SIGTERM (what schedulers and ``docker stop`` send) stop the run
-    with a checkpoint, as ``KeyboardInterrupt``; inside :meth:`deferred` (an optimiser step
-    with its bookkeeping, a checkpoint, the best adapter's save) the stop waits until the
-    block ends, so no half-done step or file is ever saved."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.pending = False
-
-    def handler(self, signum: int, frame: Any) -> None:
-        if self.depth:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if not self.depth and self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
-
-
-@contextmanager
-def _interrupts() -> Iterator[_Interrupts]:
-    """Installs :class:`_Interrupts`' handler for SIGINT and SIGTERM while training (only the
-    main thread can; elsewhere Ctrl-C stays Python's own)."""
-    interrupts = _Interrupts()
-    try:
-        previous = {sig: signal.signal(sig, interrupts.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:
-        yield interrupts
-        return
-    try:
-        yield interrupts
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# -- the output folder -------------------------------------------------------------------------
-#: what a run writes into its folder; ``--overwrite`` deletes these and nothing else
-RUN_FILES = ("adapter", CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old", "metrics.jsonl", "summary.json", "config.yaml",
-             "labels.json", "training_curve.png")
-#: settings that change how a run is watched, not what it computes: ``--resume`` accepts changes
-WATCHING = ("train.log_every", "train.eval_batch_size", "train.checkpoint_every", "train.checkpoint_minutes", "train.threads",
-            "output_dir", "compare")
-
-
-def _checkpoint_path(out: str) -> str | None:
-    """The folder's checkpoint; one left as ``checkpoint.old`` by a save killed between its
-    two renames is put back first."""
-    path = os.path.join(out, CHECKPOINT)
-    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
-        os.replace(path + ".old", path)
-    return path if os.path.isdir(path) else None
-
-
-def _flat(tree: Any, path: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` for each leaf of a nested mapping."""
-    if isinstance(tree, dict) and tree:
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{path}{key}.").items()}
-    return {path.rstrip("."): tree}
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """``(refused, allowed)``: the settings in which ``current`` differs from ``saved``, split
-    into those that change a run's results and those that only change how it is watched."""
-    old, new = _flat(saved), _flat(current)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    describe = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
-    allowed = [d for k, d in zip(changed, describe, strict=True) if any(k == w or k.startswith(w + ".") for w in WATCHING)]
-    return [d for d in describe if d not in allowed], allowed
-
-
-def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, log: Callable[..., None], dry: bool = False) -> None:
-    """Refuses a fresh run into a folder holding another run (unless ``overwrite``), and a
-    resume whose config changes results; runs before any model loads. ``dry``: check only,
-    delete nothing."""
-    out = cfg.output_dir
-    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if resume:
-        path = _checkpoint_path(out)
-        if path is None:
-            return
-        saved = torch.load(os.path.join(path, "state.pt"), weights_only=False).get("config")
-        if saved is None:
-            raise ConfigError(f"the checkpoint in {out!r} records no config, so it cannot be checked against this one; "
-                              "start afresh with --overwrite")
-        refused, allowed = config_changes(saved, cfg.to_dict())
-        if refused:
-            raise ConfigError(f"--resume: the config differs from the checkpoint's in settings that change results: "
-                              f"{'; '.join(refused)}. Restore them, or start afresh with --overwrite")
-        if allowed:
-            log("resuming with changed settings: " + "; ".join(allowed))
-    elif present:
-        if not overwrite:
-            raise ConfigError(f"output_dir {out!r} holds another run ({', '.join(present)}); continue it with --resume, "
-                              "start afresh with --overwrite (deletes those files), or choose another output_dir")
-        if dry:
-            log(f"--overwrite would remove the earlier run's {', '.join(present)} from {out}")
-            return
-        for name in present:
-            target = os.path.join(out, name)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-        log(f"--overwrite: removed the earlier run's {', '.join(present)} from {out}")
-
-
-def dry_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Everything a run would check, without loading the model or training: the config (already
-    validated), the output folder, and the data (files, columns, labels, batches per step).
-
-    Returns:
-        What the run would train on: record counts, labels, steps.
-    """
-    log = (lambda *a: None) if quiet else print
-    prepare_output_dir(cfg, resume, overwrite, log, dry=True)
-    t = cfg.train
-    data = prepare_task_data(get_task(cfg.task), cfg.data, t.seed)
-    batches = math.ceil(len(data.train) / t.batch_size)
-    if batches < t.grad_accum:
-        raise ConfigError(f"the training data make {batches} batches of {t.batch_size}, fewer than train.grad_accum={t.grad_accum}")
-    steps = t.max_steps or max(1, int(round(max(1, batches // t.grad_accum) * t.epochs)))
-    report = {"task": cfg.task, "method": cfg.method.get("name"), "train_records": len(data.train),
-              "validation_records": len(data.validation), "labels": data.labels, "steps": steps,
-              "extensions": sorted(cfg.extensions)}
-    log("config and data are valid: " + json.dumps(report))
-    return report
-
-
-# -- the summary -------------------------------------------------------------------------------
-def _fmt(result: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in result.items())
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _summary(run: Run) -> dict[str, Any]:
-    state, cfg = run.state, run.cfg
-    adapter_dir = os.path.join(run.out, "adapter")
-    trainable, total = run.model.get_nb_trainable_parameters()
-    weights = os.path.join(adapter_dir, WEIGHTS_NAME)
-    after = next((h for h in reversed(state.history) if h.get("step") == state.best_step and "loss" not in h), None)
-    after = {k: v for k, v in after.items() if k != "step"} if after else None
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()
-    return {
-        "task": cfg.task,
-        "model": cfg.model.name,
-        "method": cfg.method.get("name"),
-        "steps": state.step,
-        "rounds": state.round + 1,
-        "metric": run.metric,
-        "metric_before": state.metric_before,
-        "metric_after": after,
-        "best_step": state.best_step,
-        "stopped_early": state.stopped_early,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_share": trainable / max(1, total),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "process_rss",
-        "wall_seconds": time.perf_counter() - run.started,
-        "train_seconds": state.train_seconds,
-        "throughput": state.units / max(state.train_seconds, 1e-9),
-        "throughput_unit": f"{run.task.unit}/s",
-        "adapter_bytes": os.path.getsize(weights) if os.path.isfile(weights) else 0,
-        "processes": run.accelerator.num_processes,
-        "threads": torch.get_num_threads(),
-    }

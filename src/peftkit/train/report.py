@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import time
 from typing import Any
 
-__all__ = ["plot_history", "summary_table"]
+import torch
+
+from peftkit.core.io import WEIGHTS_NAME
+
+__all__ = ["format_metrics", "peak_rss_bytes", "plot_history", "run_summary", "summary_table"]
 
 
 def summary_table(s: dict[str, Any]) -> str:
@@ -50,3 +57,46 @@ def plot_history(history: list[dict[str, Any]], path: str, metric: str) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def format_metrics(result: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in result.items())
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_summary(run: Any) -> dict[str, Any]:
+    """What ``summary.json`` records of a finished run."""
+    state, cfg = run.state, run.cfg
+    adapter_dir = os.path.join(run.out, "adapter")
+    trainable, total = run.model.get_nb_trainable_parameters()
+    weights = os.path.join(adapter_dir, WEIGHTS_NAME)
+    after = next((h for h in reversed(state.history) if h.get("step") == state.best_step and "loss" not in h), None)
+    after = {k: v for k, v in after.items() if k != "step"} if after else None
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()
+    return {
+        "task": cfg.task,
+        "model": cfg.model.name,
+        "method": cfg.method.get("name"),
+        "steps": state.step,
+        "rounds": state.round + 1,
+        "metric": run.metric,
+        "metric_before": state.metric_before,
+        "metric_after": after,
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_share": trainable / max(1, total),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "process_rss",
+        "wall_seconds": time.perf_counter() - run.started,
+        "train_seconds": state.train_seconds,
+        "throughput": state.units / max(state.train_seconds, 1e-9),
+        "throughput_unit": f"{run.task.unit}/s",
+        "adapter_bytes": os.path.getsize(weights) if os.path.isfile(weights) else 0,
+        "processes": run.accelerator.num_processes,
+        "threads": torch.get_num_threads(),
+    }
