@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from peftkit.train.report import history_figure, metric_limits, plot_history  # noqa: E402
+from peftkit.train.report import history_figure, metric_limits, plot_history, summary_table  # noqa: E402
 
 HISTORY = [
     *({"step": s, "loss": 0.7 - 0.006 * s, "lr": 1e-3} for s in range(10, 101, 10)),
@@ -83,6 +83,18 @@ def test_curve_of_a_loss_metric_draws_it_once(tmp_path):
     assert not plt.get_fignums()  # every figure is closed
 
 
+def test_summary_table_says_where_the_after_figures_come_from():
+    summary = {"method": "lora", "steps": 100, "metric": "accuracy", "best_step": 50, "metric_before": {"accuracy": 0.58},
+               "metric_after": {"eval_loss": 0.2, "accuracy": 0.99}, "trainable_parameters": 10, "total_parameters": 1000,
+               "trainable_share": 0.01, "adapter_bytes": 2048, "wall_seconds": 12.9, "throughput": 2116.0,
+               "throughput_unit": "tokens/s", "peak_memory_bytes": 560 * 2**20, "peak_memory_kind": "process_rss"}
+    lines = dict(line.split(None, 1) for line in summary_table(summary).splitlines() if not line.startswith(("adapter", "wall", "peak")))
+    assert lines["accuracy"] == "0.5800 -> 0.9900  (best checkpoint, step 50)"
+    assert lines["eval_loss"] == "- -> 0.2000"  # no figure before training: a dash, not nan
+    summary["best_step"] = 100
+    assert "best checkpoint" not in summary_table(summary)
+
+
 # -- compare: labels, frontier, memory, latency --------------------------------------------------
 def _rows(memory=(563.0, 561.0, 580.0, 558.0, 559.0, 557.0, 570.0)):
     names = ["lora", "lora_r4", "dora", "ia3", "bitfit", "layernorm", "prefix"]
@@ -123,6 +135,17 @@ def test_pareto_labels_do_not_overlap_each_other_or_the_points(case):
             # a staircase through layernorm (10,754), ia3 (14,594), lora_r4 (37,634)
             assert list(front.get_xdata()) == [10754, 14594, 14594, 37634, 37634]
             assert list(front.get_ydata()) == [0.985, 0.985, 0.99, 0.99, 1.0]
+    finally:
+        plt.close(fig)
+
+
+def test_pareto_staircase_for_a_metric_where_lower_is_better():
+    rows = [Row("a", "ok", 2.0, 10), Row("b", "ok", 1.5, 100), Row("c", "ok", 1.8, 1000), Row("d", "ok", 1.0, 10_000)]
+    fig = _frontier_figure(rows, "trainable", "trainable parameters (log)", "eval_loss", False, log=True)
+    try:
+        front = next(line for line in fig.axes[0].get_lines() if line.get_label() == "Pareto front")
+        assert list(front.get_xdata()) == [10, 100, 100, 10_000, 10_000]  # c is dominated by b
+        assert list(front.get_ydata()) == [2.0, 2.0, 1.5, 1.5, 1.0]
     finally:
         plt.close(fig)
 

@@ -11,8 +11,11 @@ def summary_table(s: dict[str, Any]) -> str:
     """The run summary as aligned lines: metrics before -> after, size, time, memory."""
     before, after = s["metric_before"] or {}, s["metric_after"] or {}
     rows = [("method", str(s["method"])), ("steps", str(s["steps"]))]
+    best = s.get("best_step")
     for key in after:
-        rows.append((key, f"{before.get(key, float('nan')):.4f} -> {after[key]:.4f}"))
+        start = f"{before[key]:.4f}" if key in before else "-"
+        mark = f"  (best checkpoint, step {best})" if key == s.get("metric") and best is not None and best != s["steps"] else ""
+        rows.append((key, f"{start} -> {after[key]:.4f}{mark}"))
     rows += [
         ("trainable", f"{s['trainable_parameters']:,} / {s['total_parameters']:,} ({100 * s['trainable_share']:.3f}%)"),
         ("adapter size", f"{s['adapter_bytes'] / 1024:.1f} KiB"),
