@@ -38,8 +38,10 @@ def test_compare_writes_every_report_with_a_row_per_method(run_config, capsys):
     root, path = run_config
     out = root / "report"
     assert cli_main(["compare", str(path), "--methods", "lora,lora_r2,broken", "--out", str(out)]) == 0
-    for name in ("compare.md", "compare.csv", "compare.json", "compare.html", "pareto.png", "memory.png"):
+    for name in ("compare.md", "compare.csv", "compare.json", "compare.html", "pareto.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    # memory.png only where the methods' peak memory differs beyond noise; otherwise the report says so
+    assert (out / "memory.png").is_file() or "memory.png left out" in (out / "compare.md").read_text()
     data = json.loads((out / "compare.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"lora", "lora_r2", "broken"}

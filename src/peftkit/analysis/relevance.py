@@ -4,14 +4,22 @@ For every weight matrix ``W`` of a candidate module, over a sample of batches:
 - Fisher (diagonal, empirical): ``F = Σ_batches Σ_ij (∂L/∂W_ij)²``
 - saliency: ``S = Σ_batches Σ_ij |∂L/∂W_ij · W_ij|`` (first-order estimate of the loss change
   if the weight were removed).
-Scores are summed per module, then per layer (block index) and per module kind (the last
-part of the name: ``query``, ``dense``, ``q_proj``...). From them the report proposes LoRA
-targets covering a share of the total score, a rank pattern, or the layers to fine-tune.
+Scores are summed per module, then per layer (block index) and per module kind (the
+module's place inside its block, shortened to the fewest trailing parts that tell it from the
+block's other modules: ``query``, ``q_proj``, but ``attention.output.dense``,
+``intermediate.dense`` and ``output.dense`` for BERT's three ``dense`` layers; a module outside
+the blocks is its own kind). From them the report proposes LoRA targets covering a share of
+the total score, a rank pattern, or the layers to fine-tune.
+
+Modules the task builds fresh (a classification head not in the checkpoint) are left out with
+``exclude``: their random weights have large gradients that say nothing about where the
+pretrained model needs adapting, and the run trains them in full anyway.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core.targeting import layer_index
+from peftkit.core.targeting import _DEFAULT_LAYER_PATTERNS, layer_index, name_matches
 from peftkit.integrations.transformers import is_linear_like
 
-__all__ = ["ModuleScore", "RelevanceReport", "relevance_scores"]
+__all__ = ["ModuleScore", "RelevanceReport", "module_kinds", "relevance_scores"]
 
 SCORES = ("fisher", "saliency")
 
@@ -59,6 +67,7 @@ def relevance_scores(
     is_candidate: Callable[[nn.Module], bool] | None = None,
     layers_pattern: str | None = None,
     max_batches: int | None = None,
+    exclude: Iterable[str] = (),
 ) -> RelevanceReport:
     """Scores the candidate modules of ``model`` (linear and convolution layers by default) on ``batches``.
 
@@ -73,14 +82,23 @@ def relevance_scores(
             ungrouped convolutions).
         layers_pattern: attribute holding the blocks, for the layer index (guessed if None).
         max_batches: stop after this many batches.
+        exclude: modules not to score nor propose, with everything inside them: the task's
+            freshly initialised heads (``task.head_modules(...)``, the classifier of a
+            ``SEQ_CLS`` model). An entry matches a module's full name or a suffix of it at a
+            dot (as ``modules_to_save`` does).
 
     Returns:
         A :class:`RelevanceReport`.
     """
     is_candidate = is_candidate or _adaptable
-    modules = [(n, m) for n, m in model.named_modules() if n and is_candidate(m) and getattr(m, "weight", None) is not None]
+    excluded_entries = [exclude] if isinstance(exclude, str) else list(exclude)
+    modules, excluded = [], []
+    for n, m in model.named_modules():
+        if not n or not is_candidate(m) or getattr(m, "weight", None) is None:
+            continue
+        (excluded if _inside_any(n, excluded_entries) else modules).append((n, m))
     if not modules:
-        raise ValueError("no candidate module with a weight found in the model")
+        raise ValueError("no candidate module with a weight found in the model" + (f" outside {excluded_entries}" if excluded else ""))
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     saved_grads = {p: p.grad for p in model.parameters()}
     weights = [m.weight for _, m in modules]
@@ -114,10 +132,11 @@ def relevance_scores(
         model.train(was_training)
     if seen == 0:
         raise ValueError("no batch was given")
+    kinds = module_kinds([n for n, _ in modules], layers_pattern)
     scores = [
         ModuleScore(
             name=n,
-            kind=n.rsplit(".", 1)[-1] if not n.endswith("base_layer") else n.rsplit(".", 2)[-2],
+            kind=kinds[n],
             layer=layer_index(n, layers_pattern),
             params=m.weight.numel(),
             fisher=float(fisher[i]) / seen,
@@ -125,14 +144,55 @@ def relevance_scores(
         )
         for i, (n, m) in enumerate(modules)
     ]
-    return RelevanceReport(scores)
+    return RelevanceReport(scores, excluded=[n for n, _ in excluded])
+
+
+def _inside_any(name: str, entries: list[str]) -> bool:
+    """``name`` or a module containing it matches one of ``entries``."""
+    parts = name.split(".")
+    return any(name_matches(".".join(parts[:k]), e) for e in entries for k in range(1, len(parts) + 1))
+
+
+def _in_block(name: str, layers_pattern: str | None) -> str | None:
+    """The part of ``name`` after its block index (``encoder.layer.3.attention.self.query``
+    -> ``attention.self.query``), further indices as ``*`` (the experts of a mixture); None
+    outside the blocks."""
+    for pattern in [layers_pattern] if layers_pattern else _DEFAULT_LAYER_PATTERNS:
+        m = re.search(rf"(?:^|\.){re.escape(pattern)}\.\d+(?:\.|$)", name)
+        if m:
+            rest = name[m.end():]
+            return re.sub(r"(?<![^.])\d+(?![^.])", "*", rest) if rest else pattern.rsplit(".", 1)[-1]  # the block itself
+    return None
+
+
+def module_kinds(names: list[str], layers_pattern: str | None = None) -> dict[str, str]:
+    """The kind of each module: its place inside its block, shortened to the fewest trailing
+    parts that no other place in a block ends with (BERT: ``query``, ``attention.output.dense``,
+    ``intermediate.dense``, ``output.dense``); a module outside the blocks keeps its name.
+    Wrappers' ``.base_layer`` is dropped."""
+    def clean(n: str) -> str:
+        return n[: -len(".base_layer")] if n.endswith(".base_layer") else n
+
+    places = {n: _in_block(clean(n), layers_pattern) for n in names}
+    distinct = sorted({p for p in places.values() if p is not None})
+    short: dict[str, str] = {}
+    for place in distinct:
+        parts = place.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if k == len(parts) or not any(o != place and name_matches(o, suffix) for o in distinct):
+                short[place] = suffix
+                break
+    return {n: short[p] if p is not None else clean(n) for n, p in places.items()}
 
 
 class RelevanceReport:
     """Per-module scores with rankings and proposals derived from them."""
 
-    def __init__(self, modules: list[ModuleScore]) -> None:
+    def __init__(self, modules: list[ModuleScore], excluded: list[str] | None = None) -> None:
         self.modules = modules
+        #: candidate modules left out (``exclude``: fresh heads): neither scored nor proposed
+        self.excluded = list(excluded or [])
 
     def _check(self, score: str) -> None:
         if score not in SCORES:
@@ -158,9 +218,9 @@ class RelevanceReport:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def heatmap(self, score: str = "fisher") -> tuple[list[int], list[str], list[list[float]]]:
-        """``(layers, kinds, matrix[layer][kind])`` of summed scores."""
+        """``(layers, kinds, matrix[layer][kind])`` of summed scores; kinds in model order."""
         layers = sorted({m.layer for m in self.modules if m.layer is not None})
-        kinds = sorted({m.kind for m in self.modules if m.layer is not None})
+        kinds = list(dict.fromkeys(m.kind for m in self.modules if m.layer is not None))
         grid = [[0.0] * len(kinds) for _ in layers]
         for m in self.modules:
             if m.layer is not None:
@@ -211,6 +271,8 @@ class RelevanceReport:
         for m in rows:
             layer = "-" if m.layer is None else str(m.layer)
             lines.append(f"{m.name:<{width}}  {layer:>5}  {m.fisher:11.4e}  {m.saliency:11.4e}")
+        if self.excluded:
+            lines.append(f"not scored (built fresh for the task, trained in full): {', '.join(self.excluded)}")
         return "\n".join(lines)
 
     def plot(self, path: str, score: str = "fisher") -> None:
@@ -230,7 +292,8 @@ class RelevanceReport:
             ax.set_xlabel(score)
             ax.set_title(f"relevance ({score})")
         else:
-            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.45 * len(layers)))
+            longest = max(len(k) for k in kinds)  # the tick labels, at 45°, need this much height
+            fig, ax = plt.subplots(figsize=(2.4 + 0.7 * len(kinds), 1.6 + 0.3 * len(layers) + 0.065 * longest))
             image = ax.imshow(grid, aspect="auto", cmap="viridis")
             ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
             ax.set_yticks(range(len(layers)), [str(x) for x in layers])

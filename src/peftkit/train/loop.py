@@ -500,7 +500,7 @@ def _finish(run: Run) -> dict[str, Any]:
 
         atomic_write_text(os.path.join(run.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
         atomic_write_text(os.path.join(run.out, "config.yaml"), yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
-        plot_history(state.history, os.path.join(run.out, "training_curve.png"), run.metric)
+        plot_history(state.history, os.path.join(run.out, "training_curve.png"), run.metric, state.metric_before)
         run.log(summary_table(summary))
     return summary
 
