@@ -91,7 +91,7 @@ PROMPT_TUNING = _register(
     {"prompt": {"method": {"name": "prompt_tuning", "num_virtual_tokens": 20}, "train": {"lr": 3e-2}}},
 )
 PREFIX_TUNING = _register(
-    "PREFIX_TUNING", PrefixTuningConfig, "Prefix tuning: learned keys/values before every attention layer's",
+    "PREFIX_TUNING", PrefixTuningConfig, "Prefix tuning: learned keys and values prepended to those of every attention layer",
     {"prefix": {"method": {"name": "prefix_tuning", "num_virtual_tokens": 20}, "train": {"lr": 1e-2}}},
 )
 P_TUNING = _register(
