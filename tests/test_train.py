@@ -182,6 +182,22 @@ def test_causal_lm_prompt_response_loss_covers_response_only(tmp_path):
     assert chat["labels"][-1] != -100 and chat["labels"][0] == -100
 
 
+def test_classification_encoder_in_one_call_equals_one_by_one():
+    from transformers import AutoTokenizer
+
+    from peftkit.train.tasks.text import ClassificationData, ClassificationEncoder
+
+    tok = AutoTokenizer.from_pretrained(minilm.get_model_path())
+    records = [{"text": "a fine film " * n, "other": f"pair {n}", "label": "pos" if n % 2 else "neg"} for n in range(1, 40)]
+    records.append({"text": "no label here", "other": "pair"})
+    for pair_column in (None, "other"):
+        enc = ClassificationEncoder(tok, ClassificationData(train="x", text_pair_column=pair_column), 16, ["neg", "pos"])
+        assert enc.encode_many(records) == [enc(r) for r in records]
+    enc = ClassificationEncoder(tok, ClassificationData(train="x", text_pair_column="other"), 16, ["neg", "pos"])
+    uneven = [*records, {"text": "no pair", "label": "pos"}]  # a record without its pair: encoded one by one
+    assert enc.encode_many(uneven) == [enc(r) for r in uneven]
+
+
 @pytest.mark.parametrize("task", ["causal_lm", "seq2seq"])
 def test_generative_tasks_train(workspace, tmp_path, task):
     model_dir = _tiny_model_dir(tmp_path, "llama" if task == "causal_lm" else "t5")

@@ -37,7 +37,11 @@ class Prepared:
         return peft_config
 
     def encode_all(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [self.encode(r) for r in records]
+        """The encoded items of ``records``; in one call where the encoder has ``encode_many``."""
+        if not records:
+            return []
+        many = getattr(self.encode, "encode_many", None)
+        return many(records) if many is not None else [self.encode(r) for r in records]
 
     def evaluate(self, model: Any, items: list[dict[str, Any]], accelerator: Any = None) -> dict[str, float]:
         return self.task.evaluate(model, items, self.collate, self.cfg.train.eval_batch_size, accelerator)

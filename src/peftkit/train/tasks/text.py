@@ -71,6 +71,30 @@ class ClassificationEncoder:
             item["labels"] = self.label_id(record[d.label_column])
         return item
 
+    def encode_many(self, records: Sequence[dict[str, Any]], chunk: int = 256) -> list[Item]:
+        """The items of ``records``, equal to ``[self(r) for r in records]``, from one tokenizer
+        call per ``chunk`` records (a fast tokenizer's batch call: 8,000 short texts in 1.9 s
+        instead of 2.5 s). Chunks, not one call: the tokenizer's output for all records at once
+        (offsets, attention masks, Rust encodings) held ~100 MiB that raised the run's peak."""
+        if len(records) > chunk:
+            return [item for start in range(0, len(records), chunk) for item in self.encode_many(records[start : start + chunk], chunk)]
+        d = self.data
+        pairs = [r.get(d.text_pair_column) for r in records] if d.text_pair_column else None
+        if pairs is not None and any(p is None for p in pairs):
+            return [self(r) for r in records]
+        enc = self.tok([str(r[d.text_column]) for r in records], [str(p) for p in pairs] if pairs is not None else None,
+                       truncation=True, max_length=self.max_length)
+        types = enc.get("token_type_ids")
+        items: list[Item] = []
+        for n, record in enumerate(records):
+            item: Item = {"input_ids": enc["input_ids"][n]}
+            if types is not None:
+                item["token_type_ids"] = types[n]
+            if d.label_column in record:
+                item["labels"] = self.label_id(record[d.label_column])
+            items.append(item)
+        return items
+
 
 class Seq2SeqEncoder:
     """Source and target texts as token ids."""
