@@ -38,6 +38,7 @@ from peftkit.train.tasks.base import (
     to_device,
 )
 from peftkit.train.tasks.image import ImageClassificationTask, load_image
+from peftkit.train.tasks.text import TextModel
 
 __all__ = ["ClipCollator", "ClipProcessor", "ClipTask", "contrastive_loss", "load_clip_model"]
 
@@ -177,14 +178,9 @@ class ClipCollator:
 
 
 @dataclass
-class ClipModel(CheckpointModel):
-    """``max_length``: captions are cut to this many tokens (and to the model's positions)."""
-
-    max_length: int = 128
-
-    def __post_init__(self) -> None:
-        if self.max_length < 1:
-            raise ConfigError(f"model.max_length must be at least 1, got {self.max_length}")
+class ClipModel(TextModel, CheckpointModel):
+    """A checkpoint to load, and ``max_length``: captions are cut to this many tokens (and to
+    the model's positions)."""
 
 
 @dataclass
