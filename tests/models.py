@@ -118,3 +118,48 @@ def output_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor
     if isinstance(out, torch.Tensor):
         return out
     return out.logits
+
+
+CHAT_WORDS = ("the a an and or but is are was were be to of in on at for with from by it this that "
+              "he she they we you i me my your our his her their good bad great terrible film movie "
+              "story actor plot fun boring love hate like very not no yes what who how why when where "
+              "say hello hi thanks please answer question tell about one two three four five six seven "
+              "eight nine ten red green blue cat dog bird sun moon day night happy sad big small new old").split()
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_chat_tokenizer():
+    """A word-level tokenizer over ``CHAT_WORDS`` with a chat template; ids 0-6 are special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(CHAT_WORDS)) + list(".,!?"))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_chat_model(path, arch: str = "llama", seed: int = 0):
+    """Writes a tiny causal LM (2 layers, hidden 32) and its chat tokenizer to ``path``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_chat_tokenizer()
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=1, intermediate_size=37,
+                                             max_position_embeddings=128, **common))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **common))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
