@@ -309,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("tasks", help="list the tasks and training extensions of peftkit train")
     p.set_defaults(func=cmd_tasks)
+    from peftkit.serve import command as serve_command
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for a base model and many adapters")
+    serve_command.add_serve_arguments(p)
+    p.set_defaults(func=serve_command.cmd_serve)
     return parser
 
 

@@ -19,7 +19,7 @@ class APIError(Exception):
     """An error answered with ``status`` and OpenAI's error body."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None) -> None:  # noqa: A002
+                 code: str | None = None, type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
