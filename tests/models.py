@@ -146,7 +146,7 @@ def tiny_chat_tokenizer():
     return fast
 
 
-def save_tiny_chat_model(path, arch: str = "llama", seed: int = 0):
+def save_tiny_chat_model(path, arch: str = "llama", seed: int = 0, positions: int = 128):
     """Writes a tiny causal LM (2 layers, hidden 32) and its chat tokenizer to ``path``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -157,9 +157,9 @@ def save_tiny_chat_model(path, arch: str = "llama", seed: int = 0):
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                              num_key_value_heads=1, intermediate_size=37,
-                                             max_position_embeddings=128, **common))
+                                             max_position_embeddings=positions, **common))
     else:
-        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **common))
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=positions, **common))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -238,7 +238,7 @@ def create_app(server: Server, extensions: Sequence[Callable[[FastAPI, Server], 
 
     def sampling(body: Any, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=body.stops(), seed=body.seed, n=body.n)
+                              stop=body.stops(), seed=body.seed, n=body.n, ignore_eos=body.ignore_eos)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 
@@ -81,6 +82,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(server)
     print(f"peftkit serve: {server.served.model_id} ({server.served.kind}) with adapters "
           f"{sorted(server.engine.pool.known) or 'none'} on http://{args.host}:{args.port}/v1", flush=True)
+    # uvicorn finishes the open requests on SIGTERM/SIGINT, then re-raises the signal to the
+    # handler that was there before it: this one, so that a graceful stop exits with status 0.
+    stopped: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _frame: stopped.append(number))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=60)
+    if stopped:
+        print(f"peftkit serve: stopped by {signal.Signals(stopped[0]).name} after finishing the running requests",
+              flush=True)
     return 0

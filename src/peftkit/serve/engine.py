@@ -349,7 +349,7 @@ class GenerationEngine:
             request.first_token_at = time.monotonic()
             self.metrics.ttft.observe(request.first_token_at - request.arrival)
         finish = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             finish = "stop"
         else:
             choice.tokens.append(token)

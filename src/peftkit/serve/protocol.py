@@ -25,6 +25,7 @@ class _Sampling(_Request):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension (extra_body): generate max_tokens whatever the model says
 
     def stops(self) -> list[str]:
         if self.stop is None:

@@ -17,6 +17,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: decode past end-of-sequence tokens
 
     @property
     def greedy(self) -> bool:
