@@ -10,9 +10,11 @@ Every error is OpenAI's body (``{"error": {...}}``) with its status.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -369,9 +371,9 @@ def create_app(server: Server, extensions: Sequence[Callable[[FastAPI, Server], 
         if server.served.kind == "generate":
             _need(server, "embed", "/v1/embeddings")
         adapter = server.resolve(body.model)
-        if body.encoding_format != "float":
-            raise APIError(400, "encoding_format must be 'float'", param="encoding_format")
         vectors, tokens = await asyncio.wrap_future(engine.embed(texts_of(body.input, "input"), adapter))
+        if body.encoding_format == "base64":  # little-endian float32, as OpenAI's clients decode it
+            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
         return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
