@@ -146,7 +146,7 @@ def tiny_chat_tokenizer():
     return fast
 
 
-def save_tiny_chat_model(path, arch: str = "llama", seed: int = 0, positions: int = 128):
+def save_tiny_chat_model(path, arch: str = "llama", seed: int = 0, positions: int = 128, hidden: int = 32):
     """Writes a tiny causal LM (2 layers, hidden 32) and its chat tokenizer to ``path``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -155,11 +155,11 @@ def save_tiny_chat_model(path, arch: str = "llama", seed: int = 0, positions: in
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
                                              num_key_value_heads=1, intermediate_size=37,
                                              max_position_embeddings=positions, **common))
     else:
-        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=positions, **common))
+        model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=positions, **common))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

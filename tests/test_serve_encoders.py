@@ -65,7 +65,7 @@ def test_classify_and_embeddings_equal_the_run_offline(served):
     torch.testing.assert_close(torch.tensor([d.embedding for d in emb.data]), expected, rtol=0, atol=1e-5)
     assert emb.usage.prompt_tokens == int(enc["attention_mask"].sum())
     base = client.embeddings.create(model="minilm", input=TEXTS[:1]).data[0].embedding
-    assert max(abs(a - b) for a, b in zip(base, emb.data[0].embedding)) > 1e-4  # the adapter changed them
+    assert max(abs(a - b) for a, b in zip(base, emb.data[0].embedding, strict=True)) > 1e-4  # the adapter changed them
 
 
 def test_generation_routes_are_refused_on_an_encoder(served):

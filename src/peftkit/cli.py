@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible server for a base model and many adapters")
     serve_command.add_serve_arguments(p)
     p.set_defaults(func=serve_command.cmd_serve)
+    p = sub.add_parser("export", help="an adapter folder for another server (vLLM), checked against its limits")
+    serve_command.add_export_arguments(p)
+    p.set_defaults(func=serve_command.cmd_export)
     return parser
 
 

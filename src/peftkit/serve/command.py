@@ -93,3 +93,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"peftkit serve: stopped by {signal.Signals(stopped[0]).name} after finishing the running requests",
               flush=True)
     return 0
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a peftkit train run folder or an adapter folder")
+    p.add_argument("--for", dest="target", required=True, choices=["vllm"], help="the server to export for")
+    p.add_argument("--out", help="the folder to write (default: RUN-vllm beside the run)")
+    p.add_argument("--name", help="the adapter's name in the printed command (default: the run's folder name)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    from peftkit.serve.vllm_export import export_for_vllm
+
+    out = args.out or os.path.normpath(args.run) + "-vllm"
+    try:
+        export = export_for_vllm(args.run, out, args.name)
+    except (ValueError, OSError) as exc:
+        print(f"peftkit export: error: {exc}", file=sys.stderr)
+        return 2
+    folded = f" ({export.folded_modules} modules' rank/alpha patterns folded into lora_B)" if export.folded_modules else ""
+    print(f"wrote {export.folder}{folded}")
+    print(export.command())
+    return 0
