@@ -132,6 +132,18 @@ class _Generation:
         for request in self.requests:
             request.cancel()
 
+    async def collect(self, http_request: Any) -> tuple[dict[int, str], dict[int, str | None]]:
+        """The whole text and the finish reason of every choice."""
+        texts: dict[int, list[str]] = {}
+        finishes: dict[int, str | None] = {}
+        try:
+            async for index, text, finish in self.events(http_request):
+                texts.setdefault(index, []).append(text)
+                finishes[index] = finish
+        finally:
+            self.cancel()
+        return {i: "".join(parts) for i, parts in texts.items()}, finishes
+
     async def events(self, http_request: Any) -> AsyncIterator[tuple[int, str, str | None]]:
         """(choice index, text, finish_reason) until every request is done; an engine error raises."""
         done = 0
@@ -201,8 +213,8 @@ def create_app(server: Server, extensions: Sequence[Callable[[FastAPI, Server], 
         base = server.served.model_id
         data = [{"id": base, "object": "model", "created": server.created, "owned_by": "peftkit", "root": base,
                  "parent": None}]
-        resident = set(engine.pool.resident)
-        for name, path in sorted(engine.pool.known.items()):
+        resident = set(list(engine.pool.resident))  # copies: the engine thread may change them
+        for name, path in sorted(dict(engine.pool.known).items()):
             data.append({"id": name, "object": "model", "created": server.created, "owned_by": "peftkit",
                          "root": path, "parent": base, "resident": name in resident})
         return {"object": "list", "data": data}
@@ -279,15 +291,8 @@ def create_app(server: Server, extensions: Sequence[Callable[[FastAPI, Server], 
                     generation.cancel()  # a client gone mid-stream frees its slots
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        texts: dict[int, list[str]] = {}
-        finishes: dict[int, str | None] = {}
-        try:
-            async for index, text, finish in generation.events(request):
-                texts.setdefault(index, []).append(text)
-                finishes[index] = finish
-        finally:
-            generation.cancel()
-        choices = [{"index": i, "text": echo[i // body.n] + "".join(texts.get(i, [])), "logprobs": None,
+        texts, finishes = await generation.collect(request)
+        choices = [{"index": i, "text": echo[i // body.n] + texts.get(i, ""), "logprobs": None,
                     "finish_reason": finishes.get(i)} for i in range(len(prompts) * body.n)]
         return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                 "choices": choices, "usage": generation.usage}
@@ -342,15 +347,8 @@ def create_app(server: Server, extensions: Sequence[Callable[[FastAPI, Server], 
                     generation.cancel()
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        texts: dict[int, list[str]] = {}
-        finishes: dict[int, str | None] = {}
-        try:
-            async for index, text, finish in generation.events(request):
-                texts.setdefault(index, []).append(text)
-                finishes[index] = finish
-        finally:
-            generation.cancel()
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts.get(i, []))},
+        texts, finishes = await generation.collect(request)
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, "")},
                     "logprobs": None, "finish_reason": finishes.get(i)} for i in range(body.n)]
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": choices, "usage": generation.usage}

@@ -78,28 +78,16 @@ def _labels(model: Any) -> list[str] | None:
 
 
 def _load_run(run_dir: str, dtype: str) -> Served:
-    import json
+    from peftkit.train.run import prepare_run
 
-    import yaml
-
-    from peftkit.train.config import build_config
-    from peftkit.train.run import Prepared
-
-    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as fh:
-        cfg = build_config(yaml.safe_load(fh))
-    labels = None
-    labels_path = os.path.join(run_dir, "labels.json")
-    if os.path.isfile(labels_path):
-        with open(labels_path, encoding="utf-8") as fh:
-            labels = json.load(fh)
-    prepared = Prepared(cfg, labels)
+    prepared = prepare_run(run_dir)
     model = prepared.model.eval()
     if _DTYPES[dtype] is not None:
         model = model.to(_DTYPES[dtype])
     name = os.path.basename(os.path.normpath(run_dir))
-    kind = _kind(model)
-    base_name = str(cfg.model.name)
+    base_name = str(prepared.cfg.model.name)
     model_id = base_name if not os.path.isdir(base_name) else os.path.basename(os.path.normpath(base_name))
-    return Served(model_id, model, prepared.processor, kind,
+    labels = prepared.labels
+    return Served(model_id, model, prepared.processor, _kind(model),
                   adapters={name: os.path.join(run_dir, "adapter")},
                   labels=[str(x) for x in labels] if labels else _labels(model))

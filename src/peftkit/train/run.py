@@ -11,7 +11,7 @@ from peftkit.train.config import build_config
 from peftkit.train.plugins import get_task
 from peftkit.train.schema import ConfigError, RunConfig
 
-__all__ = ["Prepared", "load_run"]
+__all__ = ["Prepared", "load_run", "prepare_run"]
 
 
 class Prepared:
@@ -51,16 +51,12 @@ class Prepared:
         return self.cfg.train.metric or self.task.metric_for(self.labels)
 
 
-def load_run(run_dir: str) -> tuple[Prepared, Any]:
-    """A finished run: its task parts (config, base model, processor, labels) and the base
-    model with the trained adapter."""
+def prepare_run(run_dir: str) -> Prepared:
+    """A finished run's task parts (config, base model, processor, labels), without its adapter."""
     import yaml
 
-    from peftkit import PeftModel
-
     config_path = os.path.join(run_dir, "config.yaml")
-    adapter_dir = os.path.join(run_dir, "adapter")
-    if not os.path.isfile(config_path) or not os.path.isdir(adapter_dir):
+    if not os.path.isfile(config_path) or not os.path.isdir(os.path.join(run_dir, "adapter")):
         raise ConfigError(f"{run_dir!r} is not a finished run folder (config.yaml and adapter/ expected)")
     with open(config_path, encoding="utf-8") as fh:
         cfg = build_config(yaml.safe_load(fh))
@@ -69,5 +65,13 @@ def load_run(run_dir: str) -> tuple[Prepared, Any]:
     if os.path.isfile(labels_path):
         with open(labels_path, encoding="utf-8") as fh:
             labels = json.load(fh)
-    run = Prepared(cfg, labels)
-    return run, PeftModel.from_pretrained(run.model, adapter_dir)
+    return Prepared(cfg, labels)
+
+
+def load_run(run_dir: str) -> tuple[Prepared, Any]:
+    """A finished run: its task parts (config, base model, processor, labels) and the base
+    model with the trained adapter."""
+    from peftkit import PeftModel
+
+    run = prepare_run(run_dir)
+    return run, PeftModel.from_pretrained(run.model, os.path.join(run_dir, "adapter"))
