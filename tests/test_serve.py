@@ -201,6 +201,31 @@ def test_load_and_unload_at_runtime(client, offline, setup):
         client.post("/load_lora_adapter", body={"lora_name": "d2", "lora_path": setup["paths"]["d"]}, cast_to=object)
 
 
+def test_an_adapter_written_by_peft_is_served(client, setup):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(5)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(setup["base"]),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                                init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(setup["tmp"] / "from_peft")
+    client.post("/load_lora_adapter", body={"lora_name": "from-peft", "lora_path": str(setup["tmp"] / "from_peft")},
+                cast_to=object)
+    tok = AutoTokenizer.from_pretrained(setup["base"])
+    ids = tok(PROMPTS[2])["input_ids"]
+    with torch.no_grad():
+        out = model.eval().generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=10, do_sample=False)
+    expected = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    got = client.completions.create(model="from-peft", prompt=PROMPTS[2], max_tokens=10, temperature=0)
+    assert got.choices[0].text == expected
+
+
 def test_an_adapter_for_another_base_is_refused_and_serving_goes_on(client, setup):
     with pytest.raises(openai.BadRequestError) as err:
         client.post("/load_lora_adapter", body={"lora_name": "foreign", "lora_path": setup["paths"]["foreign"]},
