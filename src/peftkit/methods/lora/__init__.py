@@ -9,7 +9,14 @@ from peftkit.core.registry import Method, register_method
 from peftkit.methods.lora.adaptive import AdaptiveOptions, adaptive_training
 from peftkit.methods.lora.combine import add_weighted_lora
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.layer import SUPPORTED, LoraLayer, check_lora_target, create_lora_layer, is_lora_supported
+from peftkit.methods.lora.layer import (
+    SUPPORTED,
+    LoraLayer,
+    check_lora_target,
+    create_lora_layer,
+    is_lora_supported,
+    parameter_owners,
+)
 
 __all__ = ["LoraConfig", "LoraLayer", "add_weighted_lora"]
 
@@ -22,9 +29,10 @@ def _trained_biases(model: nn.Module, config: LoraConfig, targets: list[str]) ->
     if config.bias == "lora_only":
         wanted = set(targets)
         return [
-            f"{name}.base_layer.bias"
+            f"{name}.{bias}"
             for name, layer in adapter_layers(model)
-            if name in wanted and getattr(layer.base_layer, "bias", None) is not None
+            if name in wanted and isinstance(layer, LoraLayer)
+            for bias in layer.adapted_biases()
         ]
     inside = {f"{name}.{child}" for name, layer in adapter_layers(model) for child, _ in layer.named_children() if child != "base_layer"}
     out = []
@@ -44,7 +52,7 @@ _DEFAULT_PAIRS = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"), ("c_attn
 
 def _prepare_config(model: nn.Module, config: LoraConfig) -> None:
     """Names the default targets in the config, so the saved file lists them."""
-    if config.target_modules is None:
+    if config.target_modules is None and not config.target_parameters:
         config.target_modules = _default_targets(model)
 
 
@@ -65,6 +73,7 @@ METHOD = register_method(
         is_supported=is_lora_supported,
         create_layer=create_lora_layer,
         check_target=check_lora_target,
+        extra_targets=parameter_owners,
         trainable_base_parameters=_trained_biases,
         prepare_config=_prepare_config,
         default=True,
