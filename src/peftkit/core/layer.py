@@ -147,7 +147,8 @@ class AdapterLayer(nn.Module):
     def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
         """Raises NotImplementedError where ``merge(adapter_names)`` would be refused, before
         any layer of the model is merged."""
-        if type(self).merge_one is AdapterLayer.merge_one:
+        kind = type(self)
+        if kind.merge is AdapterLayer.merge and kind.merge_one is AdapterLayer.merge_one:
             self.merge_one("")
 
     def merge_one(self, adapter_name: str) -> None:

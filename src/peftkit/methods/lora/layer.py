@@ -158,7 +158,7 @@ class LoraLayer(AdapterLayer):
     def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         weight = self.base_param()
         r = config.rank_for(module_name)
-        if r > (most := full_rank(self.base_layer)):
+        if r > (most := self.full_rank()):
             warnings.warn(
                 f"{module_name}: r={r} is larger than the layer's smaller dimension ({most}), so the update "
                 f"cannot reach rank {r} and the extra rank only adds parameters; use r <= {most} here "
@@ -183,6 +183,10 @@ class LoraLayer(AdapterLayer):
     def base_param(self) -> torch.Tensor:
         """The base tensor whose dtype and device the adapter takes."""
         return self.base_layer.weight
+
+    def full_rank(self) -> int:
+        """The highest rank an update here can have."""
+        return full_rank(self.base_layer)
 
     def adapted_biases(self) -> list[str]:
         """The biases of what the adapter updates, relative to the layer (``bias="lora_only"``)."""

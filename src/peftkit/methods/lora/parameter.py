@@ -143,6 +143,9 @@ class LoraParameter(LoraLayer):
     def adapted_biases(self) -> list[str]:
         return []
 
+    def full_rank(self) -> int:
+        return min(self.rows, self.columns)
+
     # -- lifecycle along the chain ------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         """Adds the adapter here and to the layers inside (the core calls the outermost)."""
