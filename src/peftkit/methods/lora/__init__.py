@@ -39,9 +39,10 @@ def _trained_biases(model: nn.Module, config: LoraConfig, targets: list[str]) ->
     for mname, module in model.named_modules():
         if any(mname == i or mname.startswith(i + ".") for i in inside):
             continue
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, nn.Parameter):
-            out.append(f"{mname}.bias" if mname else "bias")
+        # `bias` and the likes of nn.MultiheadAttention's `in_proj_bias`
+        for pname in module._parameters:
+            if (pname == "bias" or pname.endswith("_bias")) and isinstance(module._parameters[pname], nn.Parameter):
+                out.append(f"{mname}.{pname}" if mname else pname)
     return out
 
 

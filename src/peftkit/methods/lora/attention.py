@@ -68,7 +68,8 @@ class LoraMultiheadAttention(LoraLayer):
 
     def adapted_biases(self) -> list[str]:
         base = self.base_layer
-        return [n for n, b in (("in_proj_bias", base.in_proj_bias), ("out_proj.bias", base.out_proj.bias)) if b is not None]
+        biases = (("base_layer.in_proj_bias", base.in_proj_bias), ("base_layer.out_proj.bias", base.out_proj.bias))
+        return [name for name, b in biases if b is not None]
 
     def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         if config.lora_dropout > 0:

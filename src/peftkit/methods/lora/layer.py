@@ -597,12 +597,14 @@ def parameter_owners(model: nn.Module, config: LoraConfig) -> list[str]:
 
     found: list[str] = []
     matched: set[str] = set()
-    inside: list[str] = []  # layers of a chain below its outermost: the outermost stands for the module
+    inside: list[str] = []  # adapter layers: their insides are not the model's modules
     for name, module in model.named_modules():
         if any(name.startswith(i + ".") for i in inside):
             continue
-        if isinstance(module, LoraParameter):
+        if isinstance(module, AdapterLayer):
             inside.append(name)
+            if not isinstance(module, LoraParameter):  # the outermost of a chain stands for its module
+                continue
         for p in owner_of(module)._parameters:
             hits = [e for e in entries if name_matches(f"{name}.{p}" if name else p, e)]
             if not hits:
