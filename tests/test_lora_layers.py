@@ -136,3 +136,13 @@ def test_per_example_adapters_refused_where_the_update_is_on_weights() -> None:
 def test_top_level_parameter_is_refused() -> None:
     with pytest.raises(TargetError, match="top-level module"):
         get_peft_model(Experts(8, 6), LoraConfig(target_parameters=["gate_up_proj"]))
+
+
+@pytest.mark.parametrize("where", [{"target_modules": ["attn"]}, {"target_modules": ["gconv"]},
+                                   {"target_parameters": ["experts.down_proj"]}], ids=["attention", "grouped", "parameter"])
+def test_combining_refused_where_the_update_is_not_one_factor_pair(where: dict) -> None:
+    model = get_peft_model(build("zoo"), LoraConfig(r=4, **where))
+    model.add_adapter("other", LoraConfig(r=4, **where))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="cat")
+    assert sorted(model.peft_config) == ["default", "other"]

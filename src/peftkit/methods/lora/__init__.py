@@ -15,8 +15,8 @@ from peftkit.methods.lora.layer import (
     check_lora_target,
     create_lora_layer,
     is_lora_supported,
-    parameter_owners,
 )
+from peftkit.methods.lora.parameter import parameter_owners
 
 __all__ = ["LoraConfig", "LoraLayer", "add_weighted_lora"]
 

@@ -66,6 +66,9 @@ class LoraMultiheadAttention(LoraLayer):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.in_proj_bias
 
+    def has_one_factor_pair(self) -> bool:
+        return False
+
     def adapted_biases(self) -> list[str]:
         base = self.base_layer
         biases = (("base_layer.in_proj_bias", base.in_proj_bias), ("base_layer.out_proj.bias", base.out_proj.bias))

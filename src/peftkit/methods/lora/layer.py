@@ -184,6 +184,12 @@ class LoraLayer(AdapterLayer):
         """The base tensor whose dtype and device the adapter takes."""
         return self.base_layer.weight
 
+    def has_one_factor_pair(self) -> bool:
+        """Whether the update is the one factor pair ``(A, B)`` of ``factors`` with
+        ``ΔW = s·B·A`` (A and B flattened, rank r between them), as combining and adaptive
+        rank allocation need."""
+        return True
+
     def full_rank(self) -> int:
         """The highest rank an update here can have."""
         return full_rank(self.base_layer)
@@ -431,6 +437,9 @@ class LoraConv(LoraLayer):
         )
         self.lora_B[name] = conv(r, base.out_channels, 1, 1, groups=base.groups, bias=False, dtype=dtype, device=device)
 
+    def has_one_factor_pair(self) -> bool:
+        return self.base_layer.groups == 1
+
     def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
         if self.base_layer.groups != 1:
             raise NotImplementedError(
@@ -582,43 +591,3 @@ def _holds_targeted_parameters(module: nn.Module, config: LoraConfig, module_nam
 
     return isinstance(module, LoraParameter) or bool(targeted_parameters(module, config, module_name))
 
-
-def parameter_owners(model: nn.Module, config: LoraConfig) -> list[str]:
-    """The modules holding the parameters ``config.target_parameters`` names, in model order.
-
-    Raises:
-        TargetError: when an entry names no parameter, or a parameter of the top-level module.
-    """
-    entries = list(getattr(config, "target_parameters", None) or [])
-    if not entries:
-        return []
-    from peftkit.core.targeting import TargetError, name_matches
-    from peftkit.methods.lora.parameter import LoraParameter, owner_of
-
-    found: list[str] = []
-    matched: set[str] = set()
-    inside: list[str] = []  # adapter layers: their insides are not the model's modules
-    for name, module in model.named_modules():
-        if any(name.startswith(i + ".") for i in inside):
-            continue
-        if isinstance(module, AdapterLayer):
-            inside.append(name)
-            if not isinstance(module, LoraParameter):  # the outermost of a chain stands for its module
-                continue
-        for p in owner_of(module)._parameters:
-            hits = [e for e in entries if name_matches(f"{name}.{p}" if name else p, e)]
-            if not hits:
-                continue
-            if not name:
-                raise TargetError(f"target_parameters {hits} name {p!r} of the top-level module, which LoRA cannot "
-                                  "wrap; name a parameter of a submodule")
-            matched.update(hits)
-            if name not in found:
-                found.append(name)
-    missing = [e for e in entries if e not in matched]
-    if not found:
-        raise TargetError(f"target_parameters {entries} matched no parameter of {type(model).__name__}; name them as "
-                          "'<module path or suffix>.<parameter>', e.g. 'experts.gate_up_proj'")
-    if missing:
-        warnings.warn(f"target_parameters entries {missing} matched no parameter; the others were applied", stacklevel=3)
-    return found

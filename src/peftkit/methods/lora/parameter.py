@@ -16,17 +16,20 @@ second are ``<module>.lora_A.weight``, of the first ``<module>.base_layer.lora_A
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from peftkit.core.targeting import name_matches
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.targeting import TargetError, name_matches
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layer import LoraLayer
 
-__all__ = ["LoraParameter", "check_parameter_target", "create_parameter_layers", "parameter_delta", "targeted_parameters"]
+__all__ = ["LoraParameter", "check_parameter_target", "create_parameter_layers", "parameter_delta", "parameter_owners",
+           "targeted_parameters"]
 
 
 def parameter_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, experts: int, transposed: bool) -> torch.Tensor:
@@ -140,6 +143,9 @@ class LoraParameter(LoraLayer):
     def bias(self) -> torch.Tensor | None:
         return getattr(owner_of(self.base_layer), "bias", None)
 
+    def has_one_factor_pair(self) -> bool:
+        return False
+
     def adapted_biases(self) -> list[str]:
         return []
 
@@ -183,3 +189,41 @@ class LoraParameter(LoraLayer):
         for name in names:  # + (α/r)·B·A for each active adapter
             w = w + self.delta(name).to(w.dtype)
         return functional_call(self.base_layer, {self._path(): w}, (x, *args), kwargs)
+
+
+def parameter_owners(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The modules holding the parameters ``config.target_parameters`` names, in model order.
+
+    Raises:
+        TargetError: when an entry names no parameter, or a parameter of the top-level module.
+    """
+    entries = list(getattr(config, "target_parameters", None) or [])
+    if not entries:
+        return []
+    found: list[str] = []
+    matched: set[str] = set()
+    inside: list[str] = []  # adapter layers: their insides are not the model's modules
+    for name, module in model.named_modules():
+        if any(name.startswith(i + ".") for i in inside):
+            continue
+        if isinstance(module, AdapterLayer):
+            inside.append(name)
+            if not isinstance(module, LoraParameter):  # the outermost of a chain stands for its module
+                continue
+        for p in owner_of(module)._parameters:
+            hits = [e for e in entries if name_matches(f"{name}.{p}" if name else p, e)]
+            if not hits:
+                continue
+            if not name:
+                raise TargetError(f"target_parameters {hits} name {p!r} of the top-level module, which LoRA cannot "
+                                  "wrap; name a parameter of a submodule")
+            matched.update(hits)
+            if name not in found:
+                found.append(name)
+    missing = [e for e in entries if e not in matched]
+    if not found:
+        raise TargetError(f"target_parameters {entries} matched no parameter of {type(model).__name__}; name them as "
+                          "'<module path or suffix>.<parameter>', e.g. 'experts.gate_up_proj'")
+    if missing:
+        warnings.warn(f"target_parameters entries {missing} matched no parameter; the others were applied", stacklevel=3)
+    return found
