@@ -101,6 +101,8 @@ class Case:
         check_targets: checks which layers were wrapped: ``check_targets(inner, plain, config)``.
         row: names the row where the model alone does not (LoRA: the layer type).
         perturb_scale: the size of the noise that moves the adapter from its start.
+        merge_refused: the method merges, but not on this row's layers (the check expects
+            the refusal).
     """
 
     method: str
@@ -115,6 +117,7 @@ class Case:
     check_targets: Callable[[nn.Module, nn.Module, PeftConfig], None] | None = None
     row: str = ""
     perturb_scale: float = 0.1
+    merge_refused: bool = False
 
     @property
     def name(self) -> str:
@@ -126,8 +129,10 @@ class Case:
 
     @property
     def tags(self) -> tuple[str, ...]:
-        """What ``NOT_APPLICABLE`` may name: the method, or the method with a variant."""
-        return (self.method, f"{self.method}/{self.variant}") if self.variant else (self.method,)
+        """What ``NOT_APPLICABLE`` may name: the method, the method with a variant, or the
+        method on a row (``LORA@conv2d_grouped``)."""
+        tags = (self.method, f"{self.method}/{self.variant}") if self.variant else (self.method,)
+        return (*tags, f"{self.method}@{self.row}") if self.row else tags
 
 
 # -- LoRA: every variant on every layer type (the layer × variant table) ---------------------
@@ -139,6 +144,12 @@ class Row:
     targets: tuple[str, ...]
     layer_type: str  # class name of the wrapped modules
     head: str  # a module for the modules_to_save variant
+    parameters: tuple[str, ...] = ()  # target_parameters (then targets is empty)
+    kind_of_layer: str = ""  # the layer type's name in LORA_LAYER_TYPES / LORA_REFUSED, where not layer_type
+
+    @property
+    def label(self) -> str:
+        return self.kind_of_layer or self.layer_type
 
 
 LORA_ROWS = {
@@ -154,8 +165,15 @@ LORA_ROWS = {
     "llama_embedding": Row("llama", ("embed_tokens",), "Embedding", "lm_head"),
     "t5": Row("t5", ("q", "v"), "Linear", "lm_head"),
     "vit": Row("vit", ("q_proj", "v_proj"), "Linear", "classifier"),
+    # the layer types of tests/models.py's Zoo
+    "conv2d_grouped": Row("zoo", ("dwconv", "gconv"), "Conv2d", "head", kind_of_layer="Conv2d(groups>1)"),
+    "multihead_attention": Row("zoo", ("attn",), "MultiheadAttention", "head"),
+    "parameter": Row("zoo", (), "Experts", "head", parameters=(
+        "experts.gate_up_proj", "experts.down_proj", "experts_t.gate_up_proj", "experts_t.down_proj"),
+        kind_of_layer="nn.Parameter"),
 }
-LORA_LAYER_TYPES = {"Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding"}
+LORA_LAYER_TYPES = {"Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding", "Conv2d(groups>1)", "MultiheadAttention",
+                    "nn.Parameter"}
 
 
 @dataclass(frozen=True)
@@ -176,8 +194,14 @@ LORA_VARIANTS = {
 }
 
 # (layer type, variant) -> why there is no such row: the library refuses the combination
+_PISSA = "PiSSA initialises linear layers only (refused)"
 LORA_REFUSED: dict[tuple[str, str], str] = {
-    ("Embedding", "dora"): "DoRA on nn.Embedding is refused (tests/test_errors.py)",
+    ("Conv2d(groups>1)", "dora"): "a grouped convolution's update is not grouped: no per-output norm (refused)",
+    ("Conv2d(groups>1)", "pissa"): _PISSA,
+    ("MultiheadAttention", "dora"): "DoRA on nn.MultiheadAttention is refused, as in PEFT",
+    ("MultiheadAttention", "pissa"): _PISSA,
+    ("nn.Parameter", "dora"): "DoRA on target_parameters is refused, as in PEFT",
+    ("nn.Parameter", "pissa"): _PISSA,
     ("Conv1d", "pissa"): "PiSSA initialises linear layers only (refused on convolutions)",
     ("Conv2d", "pissa"): "PiSSA initialises linear layers only (refused on convolutions)",
     ("Embedding", "pissa"): "PiSSA initialises linear layers only (refused on embeddings)",
@@ -186,6 +210,8 @@ LORA_REFUSED: dict[tuple[str, str], str] = {
 
 def _lora_config(row: Row, variant: Variant) -> LoraConfig:
     kwargs: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": list(row.targets)}
+    if row.parameters:
+        kwargs["target_parameters"] = list(row.parameters)
     kwargs.update(dict(variant.options))
     if variant.modules_to_save:
         kwargs["modules_to_save"] = [row.head]
@@ -202,12 +228,24 @@ def _lora_count(plain: nn.Module, config: PeftConfig) -> int:
     assert isinstance(config, LoraConfig)
     targets = tuple(config.target_modules)
     r, total = config.r, 0
+    for name, param in plain.named_parameters():  # target_parameters: r·(d₁ + d₂) per expert
+        if _matches(name, tuple(config.target_parameters or ())):
+            total += r * param.shape[0] * (param.shape[1] + param.shape[2])
     for name, module in plain.named_modules():
         if not _matches(name, targets):
             continue
+        if isinstance(module, nn.MultiheadAttention):  # in_proj (E → 3E) and out_proj (E → E)
+            e = module.embed_dim
+            total += r * (e + 3 * e) + r * (e + e)
+            total += 4 * e if config.bias == "lora_only" else 0
+            continue
         w = module.weight
         if isinstance(module, nn.Embedding):
-            total += r * (w.shape[0] + w.shape[1])
+            total += r * (w.shape[0] + w.shape[1]) + (w.shape[1] if config.use_dora else 0)
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups > 1:  # A dense (r, in, k, k), B grouped (out, r/groups)
+            total += r * module.in_channels * w[0, 0].numel() + w.shape[0] * r // module.groups
+            total += module.bias.numel() if config.bias == "lora_only" else 0
             continue
         if type(module).__name__ == "Conv1D":
             fan_in, out = w.shape[0], w.shape[1]
@@ -223,7 +261,8 @@ def _lora_count(plain: nn.Module, config: PeftConfig) -> int:
     return total
 
 
-_LORA_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+_LORA_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+               "out_proj_lora_A", "out_proj_lora_B"}
 
 
 def _lora_owns(name: str, case: Case, config: PeftConfig) -> bool:
@@ -236,11 +275,16 @@ def _lora_owns(name: str, case: Case, config: PeftConfig) -> bool:
     if name.endswith("bias") and config.bias == "all":
         return True
     # bias="lora_only": the biases of the wrapped layers, and only those
+    if name.endswith(("base_layer.in_proj_bias", "base_layer.out_proj.bias")) and config.bias == "lora_only":
+        return True  # the biases of the projections LoRA adapts in an nn.MultiheadAttention
     return (name.endswith("base_layer.bias") and config.bias == "lora_only"
             and _matches(base_name(name).rsplit(".", 1)[0], tuple(config.target_modules)))
 
 
 def _lora_targets_checker(row: Row) -> Callable[[nn.Module, nn.Module, PeftConfig], None]:
+    if row.parameters:
+        return _parameter_targets_checker(row)
+
     def check(inner: nn.Module, plain: nn.Module, config: PeftConfig) -> None:
         wrapped = {n: type(layer.base_layer).__name__ for n, layer in adapter_layers(inner) if not n.endswith(row.head)}
         expected = [n for n, _ in plain.named_modules() if _matches(n, row.targets)]
@@ -250,16 +294,44 @@ def _lora_targets_checker(row: Row) -> Callable[[nn.Module, nn.Module, PeftConfi
     return check
 
 
+def _parameter_targets_checker(row: Row) -> Callable[[nn.Module, nn.Module, PeftConfig], None]:
+    """One layer per parameter, nested in the module's registration order (the first
+    innermost), around the module holding them."""
+
+    def check(inner: nn.Module, plain: nn.Module, config: PeftConfig) -> None:
+        owners = sorted({p.rsplit(".", 1)[0] for p in row.parameters})
+        for owner in owners:
+            own = [p.rsplit(".", 1)[1] for p in row.parameters if p.startswith(owner + ".")]
+            order = [n for n in plain.get_submodule(owner)._parameters if n in own]
+            layer = inner.get_submodule(owner)
+            for expected in reversed(order):  # outermost: the last registered
+                assert getattr(layer, "parameter_name", None) == expected, (owner, expected)
+                layer = layer.base_layer
+            assert type(layer).__name__ == row.layer_type
+        assert sorted(n for n, _ in adapter_layers(inner) if not n.endswith(row.head) and ".base_layer" not in n) == owners
+
+    return check
+
+
+# An embedding's B starts random (A at zero), so noise on A moves ΔE = s·(B·A)ᵀ far more than
+# noise on a linear layer's factors moves its ΔW. DoRA's unmerge rounds relative to W₀ + ΔW
+# (it divides the merged table by m/‖W₀+ΔW‖, then subtracts ΔW), which the table compares to
+# the larger of W₀ and the merged weight: smaller noise keeps ΔE of the size of W₀.
+EMBEDDING_DORA_PERTURB = 0.02
+
+
 def _lora_cases() -> list[Case]:
     cases = []
     for row_name, row in LORA_ROWS.items():
         for variant_name, variant in LORA_VARIANTS.items():
-            if (row.layer_type, variant_name) in LORA_REFUSED:
+            if (row.label, variant_name) in LORA_REFUSED:
                 continue
             cases.append(Case(
                 "LORA", variant_name, row.kind,
                 config=lambda row=row, variant=variant: _lora_config(row, variant),
                 count=_lora_count, check_targets=_lora_targets_checker(row), row=row_name,
+                merge_refused=row.label == "Conv2d(groups>1)",
+                perturb_scale=EMBEDDING_DORA_PERTURB if (row.layer_type, variant_name) == ("Embedding", "dora") else 0.1,
             ))
     return cases
 

@@ -78,6 +78,50 @@ class CNN(nn.Module):
         return self.head(h.mean(-1))
 
 
+class Experts(nn.Module):
+    """A mixture-of-experts block's stacked weights, as bare parameters: ``gate_up_proj``
+    (experts, dim, 2·hidden) and ``down_proj`` (experts, hidden, dim), every token through
+    every expert, averaged. ``transposed``: stored (experts, out, in), marked ``is_transposed``."""
+
+    def __init__(self, dim: int, hidden: int, experts: int = 2, transposed: bool = False) -> None:
+        super().__init__()
+        self.is_transposed = transposed
+        gate_up, down = (experts, dim, 2 * hidden), (experts, hidden, dim)
+        if transposed:
+            gate_up, down = (experts, 2 * hidden, dim), (experts, dim, hidden)
+        self.gate_up_proj = nn.Parameter(torch.randn(gate_up) * 0.3)
+        self.down_proj = nn.Parameter(torch.randn(down) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if self.is_transposed:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        gate, up = torch.einsum("bsd,edf->ebsf", x, gate_up).chunk(2, dim=-1)
+        return torch.einsum("ebsh,ehd->bsd", torch.nn.functional.silu(gate) * up, down) / gate_up.shape[0]
+
+
+class Zoo(nn.Module):
+    """The layer types LoRA adapts beyond linear ones: a depth-wise and a grouped convolution,
+    an ``nn.MultiheadAttention`` over the feature map's positions, two expert blocks (bare
+    parameters, one stored transposed), and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.gconv = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.experts = Experts(8, 6)
+        self.experts_t = Experts(8, 6, transposed=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gconv(torch.relu(self.dwconv(x)))
+        s = h.flatten(2).transpose(1, 2)
+        s = s + self.attn(s, s, s, need_weights=False)[0]
+        s = s + self.experts(s) + self.experts_t(s)
+        return self.head(s.mean(1))
+
+
 def inputs_for(kind: str, batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if kind in ("bert", "gpt2", "llama"):
@@ -94,10 +138,13 @@ def inputs_for(kind: str, batch: int = 3, seed: int = 0) -> dict[str, torch.Tens
         return {"x": torch.randint(0, VOCAB, (batch, 5), generator=g)}
     if kind == "cnn":
         return {"x": torch.randn(batch, 3, 8, 8, generator=g)}
+    if kind == "zoo":
+        return {"x": torch.randn(batch, 4, 5, 5, generator=g)}
     raise KeyError(kind)
 
 
-BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5, "vit": tiny_vit, "mlp": MLP, "cnn": CNN}
+BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5, "vit": tiny_vit, "mlp": MLP, "cnn": CNN,
+            "zoo": Zoo}
 
 
 _BUILT: dict[tuple[str, int], nn.Module] = {}

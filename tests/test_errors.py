@@ -78,13 +78,14 @@ def test_unsupported_module_type_names_type_and_supported(target, type_name: str
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        ({"target_modules": ["lin0", "emb"], "use_dora": True}, "use_dora.*nn.Embedding"),
+        ({"target_modules": ["lin0"], "target_parameters": ["lin1.weight"], "lora_dropout": 0.1},
+         "target_parameters.*lora_dropout"),
         ({"target_modules": ["lin0", "emb"], "init_lora_weights": "pissa"}, "pissa.*Embedding"),
         ({"target_modules": ["lin0", "lin1"], "modules_to_save": ["nope"]}, r"modules_to_save \['nope'\]"),
         ({"target_modules": "lin[", "r": 2}, "not a valid regular expression"),
         ({"target_modules": ["lin0"], "fan_in_fan_out": True}, "fan_in_fan_out"),
     ],
-    ids=["dora_on_embedding", "pissa_on_embedding", "missing_module_to_save", "bad_regex", "fan_in_fan_out_on_linear"],
+    ids=["dropout_on_parameter", "pissa_on_embedding", "missing_module_to_save", "bad_regex", "fan_in_fan_out_on_linear"],
 )
 def test_refused_config_leaves_model_unchanged(config: dict[str, Any], match: str) -> None:
     model = build("mlp")
@@ -98,7 +99,7 @@ def test_refused_second_adapter_leaves_model_unchanged() -> None:
     model = get_peft_model(build("mlp"), LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights=False))
     before = fingerprint(model)
     for config in (
-        LoraConfig(target_modules=["lin0", "emb"], use_dora=True),  # lin0 already wrapped: extended, then rolled back
+        LoraConfig(target_modules=["lin0"], target_parameters=["head.weight"], lora_dropout=0.1),
         LoraConfig(target_modules=["lin1", "emb"], init_lora_weights="pissa"),
         LoraConfig(target_modules=["nothing"]),
     ):
@@ -119,14 +120,14 @@ def test_refused_second_adapter_leaves_model_unchanged() -> None:
     ids=["pissa", "dora"],
 )
 def test_refusal_after_a_supported_layer_leaves_it_unchanged(config: dict[str, Any], match: str) -> None:
-    """The linear layer comes first and is fine (PiSSA rewrites its weight); the embedding
-    after it is refused: the linear weight must be as it was."""
-    model = nn.Sequential(nn.Linear(8, 8), nn.Embedding(10, 8))
+    """The linear layer comes first and is fine (PiSSA rewrites its weight); the grouped
+    convolution after it is refused: the linear weight must be as it was."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(4, 4, 3, groups=2))
     before = fingerprint(model)
     with pytest.raises(ValueError, match=match):
         get_peft_model(model, LoraConfig(target_modules=["0", "1"], **config))
     assert_unchanged(model, before)
-    wrapped = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Embedding(10, 8)), LoraConfig(target_modules=["1"]))
+    wrapped = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Conv2d(4, 4, 3, groups=2)), LoraConfig(target_modules=["1"]))
     with pytest.raises(ValueError, match=match):
         wrapped.add_adapter("second", LoraConfig(target_modules=["0", "1"], **config))
     assert list(wrapped.peft_config) == ["default"]

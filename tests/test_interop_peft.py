@@ -35,6 +35,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "conv": ("cnn", {"target_modules": ["conv1", "conv2", "conv1d"]}),
     "conv_dora": ("cnn", {"target_modules": ["conv1", "conv1d"], "use_dora": True}),
     "gpt2_dora": ("gpt2", {"target_modules": ["c_attn"], "use_dora": True}),
+    "conv_grouped": ("zoo", {"target_modules": ["dwconv", "gconv"]}),  # depth-wise and grouped
+    "embedding_dora": ("mlp", {"target_modules": ["emb", "lin0"], "use_dora": True}),
+    "target_parameters": ("zoo", {"target_modules": [], "target_parameters": [
+        "experts.gate_up_proj", "experts.down_proj", "experts_t.gate_up_proj"]}),  # nested; one stored transposed
 }
 
 

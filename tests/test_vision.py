@@ -95,8 +95,7 @@ def test_lora_on_convolutions_of_transformers_cnns_round_trips(tmp_path, kind):
     from transformers import AutoModelForImageClassification
 
     model_dir = _vision_model_dir(tmp_path, kind)
-    # ConvNeXt: its stem convolution and the point-wise linear layers (its depth-wise
-    # convolutions are grouped, which LoRA refuses)
+    # ConvNeXt: its stem convolution and the point-wise linear layers
     targets = ["convolution"] if kind == "resnet" else ["patch_embeddings", "pwconv1"]
     model = get_peft_model(AutoModelForImageClassification.from_pretrained(model_dir),
                            LoraConfig(r=2, target_modules=targets, init_lora_weights=False))

@@ -144,6 +144,13 @@ class AdapterLayer(nn.Module):
         while self.merged_adapters:
             self.unmerge_one(self.merged_adapters.pop())
 
+    def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Raises NotImplementedError where ``merge(adapter_names)`` would be refused, before
+        any layer of the model is merged."""
+        kind = type(self)
+        if kind.merge is AdapterLayer.merge and kind.merge_one is AdapterLayer.merge_one:
+            self.merge_one("")
+
     def merge_one(self, adapter_name: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
 

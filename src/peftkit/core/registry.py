@@ -44,6 +44,9 @@ class Method:
         check_target: ``(module, config, module_name) -> None`` raises when the config cannot
             adapt this module (called for every target before the model is changed; the
             module may be an existing adapter layer of the method).
+        extra_targets: ``(model, config) -> [module names]`` adapted besides those
+            ``target_modules`` names, found another way (by the parameters they hold, say);
+            they go through ``check_target`` and ``create_layer`` like the others.
         prepare_config: ``(model, config) -> None`` fills model-dependent fields of the
             config (default targets, say) before anything is matched, so that the saved
             config names them explicitly.
@@ -73,6 +76,7 @@ class Method:
     trainable_base_parameters: Callable[[nn.Module, Any, list[str]], list[str]] | None = None
     default_targets: Callable[[nn.Module], Any] | None = None
     check_target: Callable[[nn.Module, Any, str], None] | None = None
+    extra_targets: Callable[[nn.Module, Any], list[str]] | None = None
     prepare_config: Callable[[nn.Module, Any], None] | None = None
     create_model_adapter: Callable[[nn.Module, Any, str], ModelAdapter] | None = None
     file_key_prefix: str | None = None

@@ -149,7 +149,8 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
             return True
         return method.is_supported(module)
 
-    targets = find_targets(
+    extra = method.extra_targets(model, config) if method.extra_targets is not None else []
+    targets = [] if extra and not target_spec else find_targets(
         model,
         target_spec,
         is_supported=supported,
@@ -159,6 +160,13 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
         layers_pattern=getattr(config, "layers_pattern", None),
         skip=list(save_names) + _internal_names(model),
     )
+    both = [n for n in extra if n in targets]
+    if both:
+        from peftkit.core.targeting import TargetError
+
+        raise TargetError(f"{both} are matched by target_modules and also found another way ({method.peft_type}'s "
+                          "extra targets); name each module one way only")
+    targets += extra
     if method.check_target is not None:
         for name in targets:
             method.check_target(model.get_submodule(name), config, name)
@@ -290,14 +298,17 @@ def delete_adapter(model: nn.Module, adapter_name: str, missing_ok: bool = False
     for layer in layers:
         layer.delete_adapter(adapter_name)
     getattr(model, "_peftkit_base_params", {}).pop(adapter_name, None)
-    # Layers left without adapters go back to plain modules.
-    for name, layer in list(adapter_layers(model)):
+    # Layers left without adapters go back to plain modules (inner ones first: layers may nest).
+    for name, layer in reversed(list(adapter_layers(model))):
         if not layer.adapter_names:
             _set_module(model, name, layer.base_layer)
 
 
 def merge_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
-    for _, layer in adapter_layers(model):
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:  # every refusal before the first weight changes
+        layer.check_mergeable(adapter_names)
+    for layer in layers:
         layer.merge(adapter_names)
 
 
@@ -309,8 +320,12 @@ def unmerge_adapters(model: nn.Module) -> None:
 def unload_adapters(model: nn.Module, merge: bool) -> nn.Module:
     """Replaces every adapter layer by its base module (merged first when ``merge``)."""
     layers = list(adapter_layers(model))
-    # innermost first is not needed: adapter layers never nest
-    for name, layer in layers:
+    if merge:
+        for _, layer in layers:  # every refusal before the first weight changes
+            layer.check_mergeable(None)
+    # Innermost first: layers may nest (LoRA's layers on several parameters of one module);
+    # an attached in-place adapter (named "") stays first.
+    for name, layer in [entry for entry in layers if not entry[0]] + [entry for entry in reversed(layers) if entry[0]]:
         replacement = layer.unload(merge)
         if name:
             _set_module(model, name, replacement)

@@ -9,7 +9,14 @@ from peftkit.core.registry import Method, register_method
 from peftkit.methods.lora.adaptive import AdaptiveOptions, adaptive_training
 from peftkit.methods.lora.combine import add_weighted_lora
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.layer import SUPPORTED, LoraLayer, check_lora_target, create_lora_layer, is_lora_supported
+from peftkit.methods.lora.layer import (
+    SUPPORTED,
+    LoraLayer,
+    check_lora_target,
+    create_lora_layer,
+    is_lora_supported,
+)
+from peftkit.methods.lora.parameter import parameter_owners
 
 __all__ = ["LoraConfig", "LoraLayer", "add_weighted_lora"]
 
@@ -22,18 +29,20 @@ def _trained_biases(model: nn.Module, config: LoraConfig, targets: list[str]) ->
     if config.bias == "lora_only":
         wanted = set(targets)
         return [
-            f"{name}.base_layer.bias"
+            f"{name}.{bias}"
             for name, layer in adapter_layers(model)
-            if name in wanted and getattr(layer.base_layer, "bias", None) is not None
+            if name in wanted and isinstance(layer, LoraLayer)
+            for bias in layer.adapted_biases()
         ]
     inside = {f"{name}.{child}" for name, layer in adapter_layers(model) for child, _ in layer.named_children() if child != "base_layer"}
     out = []
     for mname, module in model.named_modules():
         if any(mname == i or mname.startswith(i + ".") for i in inside):
             continue
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, nn.Parameter):
-            out.append(f"{mname}.bias" if mname else "bias")
+        # `bias` and the likes of nn.MultiheadAttention's `in_proj_bias`
+        for pname in module._parameters:
+            if (pname == "bias" or pname.endswith("_bias")) and isinstance(module._parameters[pname], nn.Parameter):
+                out.append(f"{mname}.{pname}" if mname else pname)
     return out
 
 
@@ -44,7 +53,7 @@ _DEFAULT_PAIRS = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"), ("c_attn
 
 def _prepare_config(model: nn.Module, config: LoraConfig) -> None:
     """Names the default targets in the config, so the saved file lists them."""
-    if config.target_modules is None:
+    if config.target_modules is None and not config.target_parameters:
         config.target_modules = _default_targets(model)
 
 
@@ -65,6 +74,7 @@ METHOD = register_method(
         is_supported=is_lora_supported,
         create_layer=create_lora_layer,
         check_target=check_lora_target,
+        extra_targets=parameter_owners,
         trainable_base_parameters=_trained_biases,
         prepare_config=_prepare_config,
         default=True,

@@ -62,6 +62,10 @@ class RankAllocator:
             raise ValueError(f"no LoRA adapter {self.name!r} on linear/conv layers to allocate rank in")
         if any(self.name in layer.lora_magnitude_vector for layer in self.layers.values()):
             raise ValueError("adaptive rank allocation works on plain LoRA, not DoRA")
+        odd = [n for n, layer in self.layers.items() if not layer.has_one_factor_pair()]
+        if odd:
+            raise ValueError(f"adaptive rank allocation needs one factor pair B·A per layer; {odd} have another form "
+                             "(nn.MultiheadAttention, grouped convolutions, target_parameters)")
         self.initial_total = sum(layer.r[self.name] for layer in self.layers.values())
         self.target_total = target_r * len(self.layers)
         if not 0 < self.target_total <= self.initial_total:

@@ -106,6 +106,11 @@ def add_weighted_lora(
     if any(configs[a].use_dora for a in adapters):
         raise ValueError("DoRA adapters cannot be combined (their magnitudes do not add); merge them instead")
     layers = {n: layer for n, layer in adapter_layers(model) if isinstance(layer, LoraLayer) and set(adapters) & set(layer.adapter_names)}
+    odd = [n for n, layer in layers.items() if not layer.has_one_factor_pair()]
+    if odd:
+        raise ValueError(f"adapters on {odd} cannot be combined: their updates are not one factor pair B·A of the "
+                         "layer's weight (nn.MultiheadAttention, grouped convolutions, target_parameters); "
+                         "combine adapters of linear, convolution and embedding layers")
     factors = {n: _combine_layer(layer, adapters, weights, combination_type, svd_rank) for n, layer in layers.items()}
     ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
     r = max(ranks.values())

@@ -34,6 +34,9 @@ class LoraConfig(TargetedConfig):
             ``"loftq"``, ``"eva"`` and ``"corda"`` raise NotImplementedError.
         rank_pattern: per-module rank, ``{name or regex: r}``.
         alpha_pattern: per-module α, ``{name or regex: alpha}``.
+        target_parameters: parameters to adapt directly, ``["experts.gate_up_proj"]``
+            (``<module path or suffix>.<parameter>``): 2-D weights or 3-D stacks of expert
+            weights no linear layer holds. With these alone, leave ``target_modules`` None (or ``[]``).
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -48,6 +51,7 @@ class LoraConfig(TargetedConfig):
     init_lora_weights: Union[bool, str] = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_parameters: Union[list[str], None] = None
 
     # What PEFT accepts for init_lora_weights and peftkit does not implement (yet).
     _PEFT_ONLY_INITS: ClassVar[tuple[str, ...]] = ("olora", "orthogonal", "loftq", "eva", "corda")
@@ -69,6 +73,15 @@ class LoraConfig(TargetedConfig):
                 raise ValueError(f"rank_pattern[{name!r}] must be a positive integer, got {value!r}")
         for name, value in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{name!r}]", value)
+        self._check_target_parameters()
+
+    def _check_target_parameters(self) -> None:
+        value = self.target_parameters
+        if value is None:
+            return
+        if isinstance(value, str) or not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"target_parameters must be a list of parameter names, e.g. ['experts.gate_up_proj']; got {value!r}")
+        self.target_parameters = sorted(value) if isinstance(value, set) else list(value)
 
     def _check_init(self) -> None:
         init = self.init_lora_weights

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.layer import AdapterLayer, contiguous_rows
+from peftkit.core.layer import AdapterLayer
 from peftkit.integrations.bitsandbytes import (
     dequantize,
     keep_cpu_layout_usable,
@@ -24,9 +24,11 @@ from peftkit.integrations.bitsandbytes import (
     to_float_linear,
 )
 from peftkit.integrations.transformers import is_transformers_conv1d
+from peftkit.methods.lora import batched
 from peftkit.methods.lora import functional as LF
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.fused import add_lora_, lora_linear
+from peftkit.methods.lora.variants import Dora, LoraVariant
 
 __all__ = [
     "LoraConv",
@@ -41,7 +43,8 @@ __all__ = [
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Base layers whose forward returns a new tensor that their backward does not keep.
 _OWNED_OUTPUT_TYPES = (nn.Linear, nn.Embedding, *_CONV_TYPES)
-SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding"
+SUPPORTED = ("nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d (grouped too), nn.Embedding, "
+             "nn.MultiheadAttention; any nn.Parameter through target_parameters")
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -63,7 +66,13 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 class LoraLayer(AdapterLayer):
-    """State and lifecycle shared by the LoRA layer kinds."""
+    """State and lifecycle shared by the LoRA layer kinds: ``h = W₀x + (α/r)·B·A·x``.
+
+    A kind (linear, convolution, embedding...) says how its factors are made and applied
+    (``make_factors``, ``unscaled_update``, ``delta``); a variant such as DoRA
+    (``variants.py``) says how an adapter departs from the formula; the inference fast paths
+    for mixed-adapter batches are pure functions (``batched.py``, ``fused.py``).
+    """
 
     peft_type = "LORA"
     adapter_containers = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -79,8 +88,37 @@ class LoraLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self._merge_norms: dict[str, torch.Tensor] = {}
+        # The variant of each adapter that is not plain LoRA (DoRA...).
+        self.lora_variant: dict[str, LoraVariant] = {}
         self._trained_scaling: dict[str, float] = {}
+
+    # -- the formula ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # W₀x (+ b)
+        if self.example_adapters is not None:  # a different adapter for each example
+            return self.forward_per_example(x, result)
+        for name in self.adapters_to_run():  # + (α/r)·B·A·x, for each active adapter
+            update = self.addend(name, x, result)
+            result = result.add_(update) if self.owns_output(result) else result + update
+        return result
+
+    def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``(α/r)·B·A·dropout(x)`` for one adapter."""
+        # Scaled in place: B's output is a new tensor that B's backward does not keep.
+        return self.unscaled_update(name, x).mul_(self.scaling[name])
+
+    def unscaled_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``B·A·dropout(x)``, in the adapter's dtype."""
+        x = x.to(self.lora_A[name].weight.dtype)
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
+
+    def addend(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output ``result``: ``(α/r)·B·A·x``, or what
+        its variant adds."""
+        variant = self.lora_variant.get(name)
+        if variant is not None:
+            return variant.addend(self, name, x, result)
+        return self.update(name, x).to(result.dtype)
 
     # -- kind-specific pieces (overridden) ---------------------------------------------
     def weight_view(self) -> torch.Tensor:
@@ -89,6 +127,11 @@ class LoraLayer(AdapterLayer):
 
     def write_weight(self, weight: torch.Tensor) -> None:
         """Stores a weight changed by merging (a no-op where ``weight_view`` is a view)."""
+
+    def out_major(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (as ``weight_view`` lays it out) as a view with one row per output
+        channel, the layout of DoRA's norms and magnitudes."""
+        return weight
 
     def make_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         raise NotImplementedError
@@ -99,11 +142,23 @@ class LoraLayer(AdapterLayer):
     def delta(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def magnitude_shape(self, norm: torch.Tensor) -> torch.Tensor:
+        """DoRA's magnitudes in the shape PEFT stores them."""
+        return norm
+
+    def channel_dim(self, result: torch.Tensor) -> int:
+        """The dimension of the output channels in the base output."""
+        return result.dim() - 1
+
+    def variant_for(self, config: LoraConfig) -> LoraVariant | None:
+        """The variant an adapter of ``config`` gets here (None: plain LoRA)."""
+        return Dora() if config.use_dora else None
+
     # -- lifecycle ---------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-        weight = self.base_layer.weight
+        weight = self.base_param()
         r = config.rank_for(module_name)
-        if r > (most := full_rank(self.base_layer)):
+        if r > (most := self.full_rank()):
             warnings.warn(
                 f"{module_name}: r={r} is larger than the layer's smaller dimension ({most}), so the update "
                 f"cannot reach rank {r} and the extra rank only adds parameters; use r <= {most} here "
@@ -117,151 +172,97 @@ class LoraLayer(AdapterLayer):
         try:
             self.make_factors(adapter_name, r, _adapter_dtype(weight), weight.device)
             self.init_factors(adapter_name, config.init_lora_weights)
-            if config.use_dora:
-                self.init_dora(adapter_name)
+            variant = self.variant_for(config)
+            if variant is not None:
+                self.lora_variant[adapter_name] = variant
+                variant.init(self, adapter_name)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
 
+    def base_param(self) -> torch.Tensor:
+        """The base tensor whose dtype and device the adapter takes."""
+        return self.base_layer.weight
+
+    def has_one_factor_pair(self) -> bool:
+        """Whether the update is the one factor pair ``(A, B)`` of ``factors`` with
+        ``ΔW = s·B·A`` (A and B flattened, rank r between them), as combining and adaptive
+        rank allocation need."""
+        return True
+
+    def full_rank(self) -> int:
+        """The highest rank an update here can have."""
+        return full_rank(self.base_layer)
+
+    def adapted_biases(self) -> list[str]:
+        """The biases of what the adapter updates, relative to the layer (``bias="lora_only"``)."""
+        return ["base_layer.bias"] if getattr(self.base_layer, "bias", None) is not None else []
+
     def forget_adapter(self, adapter_name: str) -> None:
-        for d in (self.r, self.lora_alpha, self.scaling, self._merge_norms, self._trained_scaling):
+        variant = self.lora_variant.pop(adapter_name, None)
+        if variant is not None:
+            variant.forget(self, adapter_name)
+        for d in (self.r, self.lora_alpha, self.scaling, self._trained_scaling):
             d.pop(adapter_name, None)
         if adapter_name in self.lora_dropout:
             del self.lora_dropout[adapter_name]
 
     @torch.no_grad()
     def init_factors(self, name: str, init: bool | str) -> None:
-        a, b = self.factors(name)
-        if init is False:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.normal_(b, std=0.02)
-        elif init == "gaussian":
-            nn.init.normal_(a, std=1.0 / self.r[name])
-            nn.init.zeros_(b)
-        elif isinstance(init, str) and init.startswith("pissa"):
-            self.init_pissa(name)
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.zeros_(b)
+        _init_pair(*self.factors(name), init, self.r[name], pissa=lambda: self.init_pissa(name))
 
     def init_pissa(self, name: str) -> None:
         raise ValueError(f"init_lora_weights='pissa' needs a linear layer, not {type(self.base_layer).__name__}")
-
-    @torch.no_grad()
-    def init_dora(self, name: str) -> None:
-        w = self.weight_view()
-        norm = LF.dora_weight_norm(w.float() + self.delta(name).float())
-        self.lora_magnitude_vector[name] = nn.Parameter(self.magnitude_shape(norm).to(self.factors(name)[0].dtype))
-
-    def magnitude_shape(self, norm: torch.Tensor) -> torch.Tensor:
-        return norm
-
-    def magnitude_scale(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        """``m / ‖W₀ + ΔW‖_c`` per output, the norm detached (as the DoRA paper advises)."""
-        w = self.weight_view()
-        norm = LF.dora_weight_norm(w + delta.to(w.dtype)).detach()
-        return self.lora_magnitude_vector[name].flatten() / norm
 
     def scale_adapter(self, adapter_name: str, alpha: float) -> None:
         """``ΔW(α) = α·ΔW``: the scaling becomes α times its trained value."""
         if adapter_name in self.merged_adapters:
             raise RuntimeError("unmerge the adapter before scaling it")
-        if adapter_name in self.lora_magnitude_vector:
-            raise ValueError("a DoRA adapter is not additive and cannot be scaled; interpolate merged weights instead")
+        variant = self.lora_variant.get(adapter_name)
+        if variant is not None and not variant.scalable:
+            raise ValueError(f"a {variant.name} adapter is not additive and cannot be scaled; interpolate merged weights instead")
         trained = self._trained_scaling.setdefault(adapter_name, self.scaling[adapter_name])
         self.scaling[adapter_name] = trained * alpha
 
-    # -- merging -----------------------------------------------------------------------
+    # -- merging: W = W₀ + (α/r)·B·A -----------------------------------------------------
     @torch.no_grad()
     def merge_one(self, adapter_name: str) -> None:
         w = self.weight_view()
         delta = self.delta(adapter_name).to(w.dtype)
-        if adapter_name in self.lora_magnitude_vector:
-            norm = LF.dora_weight_norm(w + delta)
-            self._merge_norms[adapter_name] = norm
-            scale = self.lora_magnitude_vector[adapter_name].flatten().to(w.dtype) / norm
-            w.add_(delta).mul_(scale.view(-1, *([1] * (w.dim() - 1))))
-        else:
+        variant = self.lora_variant.get(adapter_name)
+        if variant is None:
             w.add_(delta)
+        else:
+            variant.merge(self, adapter_name, w, delta)
         self.write_weight(w)
 
     @torch.no_grad()
     def unmerge_one(self, adapter_name: str) -> None:
         w = self.weight_view()
         delta = self.delta(adapter_name).to(w.dtype)
-        if adapter_name in self.lora_magnitude_vector:
-            norm = self._merge_norms.pop(adapter_name)
-            scale = self.lora_magnitude_vector[adapter_name].flatten().to(w.dtype) / norm
-            w.div_(scale.view(-1, *([1] * (w.dim() - 1)))).sub_(delta)
-        else:
+        variant = self.lora_variant.get(adapter_name)
+        if variant is None:
             w.sub_(delta)
+        else:
+            variant.unmerge(self, adapter_name, w, delta)
         self.write_weight(w)
 
-    # -- forward -----------------------------------------------------------------------
-    def branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``s·B·A·dropout(x)`` for one adapter."""
-        # Scaled in place: B's output is a new tensor that B's backward does not keep.
-        return self.unscaled_branch(name, x).mul_(self.scaling[name])
-
-    def unscaled_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``B·A·dropout(x)``."""
-        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
-
-    def add_branch(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return result + self.addend(name, x, result)
-
-    def addend(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """What the adapter adds to the base output ``result``: ``s·B·A·x`` (DoRA: its
-        correction of ``result``)."""
-        x = x.to(self.factors(name)[0].dtype)
-        if name in self.lora_magnitude_vector:
-            return self.dora_correction(name, x, result)
-        return self.branch(name, x).to(result.dtype)
-
-    def dora_correction(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``h = b + (m/‖W₀+ΔW‖)·(W₀x + s·B·A·x)``, written as a correction added to ``result``."""
-        scale = self.magnitude_scale(name, self.delta(name))
-        shape = [1] * result.dim()
-        shape[self.channel_dim(result)] = -1
-        scale = scale.view(shape)
-        bias = getattr(self.base_layer, "bias", None)
-        base = result if bias is None else result - bias.view([-1 if i == self.channel_dim(result) else 1 for i in range(result.dim())])
-        lora = self.unscaled_branch(name, x).to(result.dtype)
-        # Added to result in this order, as Hugging Face PEFT does, outputs agree with PEFT's
-        # within float32 rounding.
-        return (scale - 1) * base + scale * lora * self.scaling[name]
-
-    def channel_dim(self, result: torch.Tensor) -> int:
-        return result.dim() - 1
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.example_adapters is not None:
-            if self.add_per_example(x, result):
-                return result
-            # Each group's rows get result + addend, as in a batch of that adapter alone.
-            in_place = self.owns_output(result)
-            for name, idx in self.example_groups(x.shape[0]) or []:
-                rows = contiguous_rows(idx) if in_place and name not in self.lora_magnitude_vector else None
-                if rows is not None:
-                    self.add_into(name, x[rows], result[rows])
-                    continue
-                idx = idx.to(x.device)
-                result = result.index_add(0, idx, self.addend(name, x[idx], result[idx]))
+    # -- mixed-adapter batches (see batched.py) ------------------------------------------
+    def forward_per_example(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus each example's adapter term, as in a batch of that adapter alone."""
+        if self.add_per_example(x, result):
             return result
-        for name in self.adapters_to_run():
-            if name in self.lora_magnitude_vector or not self.owns_output(result):
-                result = self.add_branch(name, x, result)
-            else:
-                result = result.add_(self.addend(name, x, result))
-        return result
+        in_place = self.owns_output(result)
+        groups = [(name, idx, in_place and name not in self.lora_variant)
+                  for name, idx in self.example_groups(x.shape[0]) or []]
+        return batched.add_groups(result, x, groups, self.addend, self.add_rows_)
 
     def add_per_example(self, x: torch.Tensor, result: torch.Tensor) -> bool:
-        """Adds every example's adapter output to ``result`` in one step where the layer can
+        """Adds every example's adapter term to ``result`` in one step where the layer can
         (see ``LoraLinear``); False where the groups must be handled one by one."""
         return False
 
-    def add_into(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    def add_rows_(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out += addend`` in place (``out`` being a base output this layer owns)."""
         out.add_(self.addend(name, x, out))
 
@@ -274,6 +275,21 @@ class LoraLayer(AdapterLayer):
         # copy of the whole output.
         return (not torch.is_grad_enabled() and type(self.base_layer) in _OWNED_OUTPUT_TYPES
                 and not self.base_layer._forward_hooks)
+
+
+def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int, pissa: Any) -> None:
+    """PEFT's initialisations of a factor pair A (r × in), B (out × r)."""
+    if init is False:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.normal_(b, std=0.02)
+    elif init == "gaussian":
+        nn.init.normal_(a, std=1.0 / r)
+        nn.init.zeros_(b)
+    elif isinstance(init, str) and init.startswith("pissa"):
+        pissa()
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
 
 
 class LoraLinear(LoraLayer):
@@ -303,10 +319,9 @@ class LoraLinear(LoraLayer):
         return lora_linear(x, self.lora_dropout[name](x), weight, base.bias, a, b, self.scaling[name])
 
     def add_per_example(self, x: torch.Tensor, result: torch.Tensor) -> bool:
-        """At inference, when every example has one of this layer's (non-DoRA) adapters, all
-        of one rank and dtype, the examples' factors are stacked once per block and the
-        adapter outputs accumulated into ``result`` by two batched products, instead of a
-        handful of small operations per group (which dominate a decoding step)."""
+        """At inference, when every example has one of this layer's plain adapters, all of
+        one rank and dtype: the stacked path of ``batched.py`` (factors stacked once per
+        block, two batched products)."""
         names = self.example_adapters
         if names is None or len(names) != x.shape[0] or not self.owns_output(result) or not result.is_contiguous():
             return False
@@ -318,37 +333,33 @@ class LoraLinear(LoraLayer):
         a, b, s = stacked
         if not (x.dtype == a.dtype == result.dtype):
             return False
-        n = len(names)
-        u = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2)).mul_(s)
-        result.view(n, -1, result.shape[-1]).baddbmm_(u, b.transpose(1, 2))
+        batched.add_stacked_(result, x, a, b, s)
         return True
 
     def _stack_examples(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(A, B, s)`` per example, ``(n, r, in)``, ``(n, out, r)``, ``(n, 1, 1)``; None
-        where an example has no adapter here, a DoRA adapter, active dropout or another rank."""
+        """``batched.stack_factors`` of the examples' adapters; None where an example has no
+        adapter here, a variant, active dropout or another rank."""
         if self.quantized or self.merged_adapters:
             return None
         if any(name not in self.lora_A for name in names):
             return None
         for name in set(names):
-            if name in self.lora_magnitude_vector or self.r[name] != self.r[names[0]]:
+            if name in self.lora_variant or self.r[name] != self.r[names[0]]:
                 return None
             if self.lora_dropout[name].training and not isinstance(self.lora_dropout[name], nn.Identity):
                 return None
-        a = torch.stack([self.lora_A[n].weight for n in names])
-        b = torch.stack([self.lora_B[n].weight for n in names])
-        s = torch.tensor([self.scaling[n] for n in names], dtype=a.dtype, device=a.device).view(-1, 1, 1)
-        return a, b, s
+        return batched.stack_factors([self.lora_A[n].weight for n in names], [self.lora_B[n].weight for n in names],
+                                     [self.scaling[n] for n in names])
 
-    def add_into(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    def add_rows_(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         a, b = self.factors(name)
         if self.quantized or not out.is_contiguous() or not (x.dtype == a.dtype == out.dtype):
-            return super().add_into(name, x, out)
+            return super().add_rows_(name, x, out)
         add_lora_(out.view(-1, out.shape[-1]), self.lora_dropout[name](x).reshape(-1, x.shape[-1]), a, b, self.scaling[name])
 
     def fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The adapter to run as one fused operation (`fused.lora_linear`), or None where the
-        general path is needed: several or per-example adapters, DoRA, a base other than a
+        general path is needed: several or per-example adapters, a variant (DoRA), a base other than a
         plain frozen ``nn.Linear`` or transformers ``Conv1D``, hooks that expect the modules to be called, mixed dtypes
         or autocast."""
         if self.example_adapters is not None or args or kwargs:
@@ -359,7 +370,7 @@ class LoraLinear(LoraLayer):
         name = names[0]
         base = self.base_layer
         plain = type(base) is nn.Linear or (self.fan_in_fan_out and type(base).__module__.startswith("transformers."))
-        if not plain or name in self.lora_magnitude_vector:
+        if not plain or name in self.lora_variant:
             return None
         weight, bias = base.weight, base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -409,12 +420,13 @@ class LoraLinear(LoraLayer):
 
 class LoraConv(LoraLayer):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's geometry and r output
-    channels, B a 1×…×1 conv back to the output channels."""
+    channels, B a 1×…×1 conv back to the output channels.
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+    On a grouped (or depth-wise) convolution, as in PEFT, A sees every input channel and B is
+    grouped like the base: group g's outputs read r/groups of A's channels. The update then
+    connects every input channel to every output, which the base's grouped kernel cannot
+    hold, so such an adapter runs beside the base and is never merged into it.
+    """
 
     def make_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         base = self.base_layer
@@ -423,7 +435,22 @@ class LoraConv(LoraLayer):
             base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
             bias=False, padding_mode=base.padding_mode, dtype=dtype, device=device,
         )
-        self.lora_B[name] = conv(r, base.out_channels, 1, 1, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = conv(r, base.out_channels, 1, 1, groups=base.groups, bias=False, dtype=dtype, device=device)
+
+    def has_one_factor_pair(self) -> bool:
+        return self.base_layer.groups == 1
+
+    def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
+        if self.base_layer.groups != 1:
+            raise NotImplementedError(
+                f"LoRA on a grouped convolution (groups={self.base_layer.groups}) cannot be merged into the base "
+                "weights: its update connects every input channel to every output, which a grouped kernel cannot "
+                "hold. Keep the adapter unmerged (unload() removes it)."
+            )
+
+    def merge_one(self, adapter_name: str) -> None:
+        self.check_mergeable()
+        super().merge_one(adapter_name)
 
     def delta(self, name: str) -> torch.Tensor:
         a, b = self.factors(name)
@@ -459,25 +486,24 @@ class LoraEmbedding(LoraLayer):
             nn.init.zeros_(a)
             nn.init.normal_(b)
 
-    def init_dora(self, name: str) -> None:
-        raise ValueError("use_dora is supported on linear and convolution layers, not on nn.Embedding")
-
     def delta(self, name: str) -> torch.Tensor:
         a, b = self.factors(name)
         return LF.embedding_delta_weight(a, b, self.scaling[name])
 
-    def branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def out_major(self, weight: torch.Tensor) -> torch.Tensor:
+        # The table is vocab × dim; an output channel is a column (DoRA's norms run over the vocabulary).
+        return weight.T
+
+    def unscaled_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``B·A`` looked up: row ``x`` of ``(B·A)ᵀ``."""
         a, b = self.factors(name)
         base = self.base_layer
         looked_up = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return (looked_up @ b.T) * self.scaling[name]
-
-    def addend(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return self.branch(name, x).to(result.dtype)
+        return looked_up @ b.T
 
 
 def is_lora_supported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding, *_CONV_TYPES)) or is_transformers_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.MultiheadAttention, *_CONV_TYPES)) or is_transformers_conv1d(module)
 
 
 def full_rank(base: nn.Module) -> int:
@@ -485,8 +511,10 @@ def full_rank(base: nn.Module) -> int:
     (a convolution's weight seen as out × in·kernel)."""
     if isinstance(base, nn.Embedding):
         return min(base.num_embeddings, base.embedding_dim)
-    if isinstance(base, _CONV_TYPES):
-        return min(base.out_channels, base.in_channels // base.groups * math.prod(base.kernel_size))
+    if isinstance(base, _CONV_TYPES):  # grouped too: LoRA's update of a grouped conv is a dense one
+        return min(base.out_channels, base.in_channels * math.prod(base.kernel_size))
+    if isinstance(base, nn.MultiheadAttention):
+        return base.embed_dim
     if hasattr(base, "in_features") and hasattr(base, "out_features"):  # also quantised layers' packed weights
         return min(base.in_features, base.out_features)
     return min(base.weight.shape)  # transformers Conv1D
@@ -496,12 +524,27 @@ def check_lora_target(module: nn.Module, config: LoraConfig, module_name: str) -
     """Raises when ``config`` cannot adapt ``module`` (the module itself, or the base of an
     existing LoRA layer). Runs for every target before the model is changed: PiSSA rewrites
     base weights, so a refusal found later could not be undone."""
+    if _holds_targeted_parameters(module, config, module_name):
+        from peftkit.methods.lora.parameter import check_parameter_target
+
+        return check_parameter_target(module, config, module_name)
     base = module.base_layer if isinstance(module, LoraLayer) else module
     kind = type(base).__name__
     if isinstance(base, _CONV_TYPES) and base.groups != 1:
-        raise ValueError(f"{module_name}: LoRA on grouped convolutions (groups={base.groups}) is not supported")
-    if config.use_dora and isinstance(base, nn.Embedding):
-        raise ValueError(f"{module_name}: use_dora is supported on linear and convolution layers, not on nn.Embedding")
+        r = config.rank_for(module_name)
+        if r % base.groups:
+            raise ValueError(
+                f"{module_name}: a {kind} with groups={base.groups} needs a rank divisible by {base.groups} (each "
+                f"group of outputs reads r/groups of the update's channels), got r={r}; use r={base.groups * max(1, r // base.groups)} "
+                "here (rank_pattern sets it per layer)"
+            )
+        if config.use_dora:
+            raise ValueError(f"{module_name}: use_dora is not supported on grouped convolutions (groups={base.groups}): "
+                             "the update is not a grouped kernel, so W₀ + ΔW has no per-output norm to rescale")
+    if isinstance(base, nn.MultiheadAttention):
+        from peftkit.methods.lora.attention import check_attention_target
+
+        check_attention_target(base, config, module_name)
     init = config.init_lora_weights
     if isinstance(init, str) and init.startswith("pissa") and not (isinstance(base, nn.Linear) or is_transformers_conv1d(base)):
         raise ValueError(f"{module_name}: init_lora_weights='pissa' needs a linear layer, not {kind}")
@@ -518,9 +561,17 @@ def check_lora_target(module: nn.Module, config: LoraConfig, module_name: str) -
 
 def create_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> LoraLayer:
     """Wraps ``module`` with a LoRA layer holding adapter ``adapter_name``."""
+    if _holds_targeted_parameters(module, config, module_name):
+        from peftkit.methods.lora.parameter import create_parameter_layers
+
+        return create_parameter_layers(module, adapter_name, config, module_name)
     check_lora_target(module, config, module_name)
     if isinstance(module, nn.Embedding):
         layer: LoraLayer = LoraEmbedding(module)
+    elif isinstance(module, nn.MultiheadAttention):
+        from peftkit.methods.lora.attention import LoraMultiheadAttention
+
+        layer = LoraMultiheadAttention(module)
     elif isinstance(module, _CONV_TYPES):
         layer = LoraConv(module)
     elif isinstance(module, nn.Linear) or is_transformers_conv1d(module):
@@ -530,3 +581,13 @@ def create_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig, 
     layer.add_adapter(adapter_name, config, module_name)
     layer.set_active([adapter_name])
     return layer
+
+
+def _holds_targeted_parameters(module: nn.Module, config: LoraConfig, module_name: str) -> bool:
+    """Whether ``module`` is adapted through ``target_parameters`` (its own parameters)."""
+    if not getattr(config, "target_parameters", None):
+        return False
+    from peftkit.methods.lora.parameter import LoraParameter, targeted_parameters
+
+    return isinstance(module, LoraParameter) or bool(targeted_parameters(module, config, module_name))
+
