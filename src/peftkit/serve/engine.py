@@ -16,6 +16,7 @@ the batch changes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import itertools
 import logging
@@ -122,6 +123,10 @@ class GenerationEngine:
         self._mask: torch.Tensor | None = None  # [sequences, length], 0 on the left padding
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # The decoding batch's adapter per row, held across steps while the batch is unchanged,
+        # so that LoRA layers stack the rows' factors once, not at every step.
+        self._rows: contextlib.AbstractContextManager | None = None
+        self._row_names: list[str | None] | None = None
 
     # -- interface (any thread) -----------------------------------------------------------
     def start(self) -> None:
@@ -171,11 +176,14 @@ class GenerationEngine:
             with self._cv:
                 if not (self._commands or self._running or self._admissible()):
                     if self._stopping and not self._waiting:
+                        self._end_rows()
                         return
                     self._cv.wait(0.05 if self._waiting else 0.5)
                     continue
                 commands = list(self._commands)
                 self._commands.clear()
+            if commands:
+                self._end_rows()  # adapters may come and go
             for fn, future in commands:
                 try:
                     future.set_result(fn())
@@ -188,6 +196,7 @@ class GenerationEngine:
                     self._decode()
             except Exception as exc:  # a failed step fails its requests, not the server
                 log.exception("decoding step failed")
+                self._end_rows()
                 self._fail_all(exc)
 
     def _admissible(self) -> bool:
@@ -220,6 +229,7 @@ class GenerationEngine:
                 continue
             if request.params.n > free:
                 continue
+            self._end_rows()  # a prefill and perhaps an adapter load come next
             try:
                 if not self.pool.acquire(request.adapter):
                     continue  # every resident adapter is in use; wait for one to free
@@ -256,11 +266,31 @@ class GenerationEngine:
             return {}
         return {"adapter_names": [self.pool.row_name(n) for n in names]}
 
-    def _forward(self, names: list[str | None], **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    def _set_rows(self, names: list[str | None]) -> None:
+        """Each decoding row's adapter, kept set on the layers until the batch changes."""
+        if names == self._row_names:
+            return
+        self._end_rows()
+        if self.pool.model is self.pool.base:
+            return
+        from peftkit.core.layer import per_example_adapters
+
+        rows = per_example_adapters(self.pool.model.get_base_model(), [self.pool.row_name(n) for n in names])
+        rows.__enter__()
+        self._rows, self._row_names = rows, list(names)
+
+    def _end_rows(self) -> None:
+        if self._rows is not None:
+            self._rows.__exit__(None, None, None)
+        self._rows, self._row_names = None, None
+
+    def _forward(self, names: list[str | None] | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """The model's last-position logits and cache; ``names`` None: the rows set by ``_set_rows``."""
         if self._keep_arg:
             kwargs["logits_to_keep"] = 1
+        adapters = self._adapter_kwargs(names) if names is not None else {}
         with torch.inference_mode():
-            out = self.pool.model(use_cache=True, **kwargs, **self._adapter_kwargs(names))
+            out = self.pool.model(use_cache=True, **kwargs, **adapters)
         cache = out.get("cache") if "cache" in out else out.past_key_values
         return out.logits[:, -1, :], cache
 
@@ -325,7 +355,8 @@ class GenerationEngine:
         ids = torch.tensor([[c.tokens[-1]] for c in running])
         self._mask = torch.cat([self._mask, torch.ones(len(running), 1, dtype=torch.long)], dim=1)
         positions = torch.tensor([[c.cached] for c in running])
-        logits, self._cache = self._forward([c.request.adapter for c in running], input_ids=ids,
+        self._set_rows([c.request.adapter for c in running])
+        logits, self._cache = self._forward(None, input_ids=ids,
                                             attention_mask=self._mask, position_ids=positions,
                                             **{self._cache_arg: self._cache})
         self.metrics.batch_size.observe(len(running))
