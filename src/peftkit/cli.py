@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: train, eval, predict, merge, inspect, methods."""
+"""The ``peftkit`` command: train, eval, predict, merge, convert, inspect, methods."""
 
 from __future__ import annotations
 
@@ -91,6 +91,60 @@ def _save_model(model: Any, path: str) -> None:
 
     os.makedirs(path, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"))
+
+
+# The Auto class that rebuilds the base model of an adapter folder, by the adapter's task_type.
+_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                 "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+                 "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+
+
+def _load_adapter_folder(folder: str, base: str | None) -> Any:
+    """The base model of an adapter folder (``base``, else the folder's base_model_name_or_path)
+    with the adapter loaded."""
+    import transformers
+
+    from peftkit import PeftConfig, PeftModel
+    from peftkit.train.modeling import resolve_model_path
+
+    config = PeftConfig.from_pretrained(folder)
+    name = base or config.base_model_name_or_path
+    if not name:
+        raise SystemExit(f"{folder}: adapter_config.json names no base model; pass --base MODEL")
+    auto = getattr(transformers, _AUTO_CLASSES.get(str(getattr(config.task_type, "value", config.task_type)), "AutoModel"))
+    model = auto.from_pretrained(resolve_model_path(name))
+    return PeftModel.from_pretrained(model, folder)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from peftkit.core.registry import all_methods, get_method
+
+    targets = {m.peft_type: m.extra["convert"] for m in all_methods() if "convert" in m.extra}
+    convert = targets.get(args.to.upper())
+    if convert is None:
+        get_method(args.to.upper())  # an unknown name gets the registry's suggestions
+        raise SystemExit(f"peftkit convert: {args.to} is not a conversion target; targets: {sorted(t.lower() for t in targets)}")
+    run_dir = os.path.isfile(os.path.join(args.run, "config.yaml"))
+    folder = os.path.normpath(args.run)
+    out = args.out or (os.path.join(folder, f"adapter_{args.to.lower()}_r{args.rank}") if run_dir
+                       else f"{folder}_{args.to.lower()}_r{args.rank}")
+    if os.path.exists(out):
+        raise SystemExit(f"{out} exists; choose a new folder with --out")
+    if run_dir:
+        model = _load_run(args.run)[1]
+    elif os.path.isfile(os.path.join(args.run, "adapter_config.json")):
+        model = _load_adapter_folder(args.run, args.base)
+    else:
+        raise SystemExit(f"{args.run} is neither a run folder (config.yaml) nor an adapter folder (adapter_config.json)")
+    try:
+        result = convert(model, rank=args.rank, bias=args.bias)
+    except ValueError as exc:
+        raise SystemExit(f"peftkit convert: {exc}") from None
+    result.save_pretrained(out)
+    print(result.table())
+    print(f"\n{result.source_type} -> {args.to.upper()} rank {args.rank}: largest relative error {result.max_error:.3e}; "
+          f"written to {out}")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -275,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", type=int, choices=[4, 8], help="save the merged model quantised by bitsandbytes (4- or 8-bit)")
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type (default nf4)")
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("convert", help="turn a run's (or adapter folder's) mergeable adapter into another method's, e.g. a LoRA of rank R")
+    p.add_argument("run", help="a run folder (config.yaml, adapter/) or an adapter folder")
+    p.add_argument("--to", required=True, help="the method to convert to (peftkit methods lists them)")
+    p.add_argument("--rank", type=int, required=True, help="rank of the result")
+    p.add_argument("--out", help="folder to write (default: RUN/adapter_<to>_r<rank>, or <adapter folder>_<to>_r<rank>)")
+    p.add_argument("--bias", choices=["auto", "none"], default="auto", help="keep the biases the adapter changes (auto) or drop them (none)")
+    p.add_argument("--base", help="base model of an adapter folder (default: its base_model_name_or_path)")
+    p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="module tree, parameter counts and target names")
     p.add_argument("model")
     p.add_argument("--depth", type=int, default=2)
