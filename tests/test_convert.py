@@ -25,7 +25,7 @@ from peftkit import (
     convert_to_lora,
     get_peft_model,
 )
-from peftkit.core.layer import adapter_layers
+from peftkit.core.layer import AdapterLayer, adapter_layers
 from peftkit.methods.lora.convert import ConversionError
 
 
@@ -156,6 +156,63 @@ def test_refusals_name_the_problem():
         convert_to_lora("some/folder", rank=2)
 
 
+# -- a method the converter has never heard of ------------------------------------------------
+
+
+class KroneckerLayer(AdapterLayer):
+    """A toy method (a LoKr-like ``ΔW = A ⊗ B``) written here, outside the library: it only
+    merges, and the converter finds its delta through that alone."""
+
+    adapter_containers = ("kron_a", "kron_b")
+
+    def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__(base)
+        self.kron_a = torch.nn.ParameterDict({"default": torch.nn.Parameter(a)})
+        self.kron_b = torch.nn.ParameterDict({"default": torch.nn.Parameter(b)})
+        self.set_active(["default"])
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        for name in self.adapters_to_run():
+            out = out + x @ torch.kron(self.kron_a[name], self.kron_b[name]).T
+        return out
+
+    @torch.no_grad()
+    def merge_one(self, name):
+        self.base_layer.weight += torch.kron(self.kron_a[name], self.kron_b[name])
+
+    @torch.no_grad()
+    def unmerge_one(self, name):
+        self.base_layer.weight -= torch.kron(self.kron_a[name], self.kron_b[name])
+
+
+class DeltaOnlyLayer(KroneckerLayer):
+    """Computes its delta directly (``delta_weight``, the optional protocol) and does not merge."""
+
+    def merge_one(self, name):
+        raise NotImplementedError("merging is not implemented")
+
+    def delta_weight(self, name):
+        return {"weight": torch.kron(self.kron_a[name], self.kron_b[name]).double()}
+
+
+@pytest.mark.parametrize("layer_type", [KroneckerLayer, DeltaOnlyLayer])
+def test_an_unknown_mergeable_layer_converts_through_the_protocol(layer_type):
+    plain = build("mlp")
+    model = copy.deepcopy(plain)
+    g = torch.Generator().manual_seed(5)
+    b = torch.outer(torch.randn(8, generator=g), torch.randn(8, generator=g)) * 0.2  # rank 1: ΔW has rank 4
+    model.lin1 = layer_type(model.lin1, torch.randn(4, 4, generator=g), b)
+    inputs = inputs_for("mlp")
+    expected = output_of(model, inputs)
+    exact = convert_to_lora(model, rank=4)
+    assert [(c.name, c.delta_rank) for c in exact.layers] == [("lin1", 4)] and exact.max_error < 1e-6
+    assert_rounding_close(output_of(exact.apply(copy.deepcopy(plain)), inputs), expected, MODEL_REL)
+    low = convert_to_lora(model, rank=2)
+    s = torch.linalg.svdvals(torch.kron(model.lin1.kron_a["default"], b).double().detach())
+    assert low.layers[0].relative_error == pytest.approx(float(s[2:].norm() / s.norm()), rel=1e-6)
+
+
 # -- peftkit convert -------------------------------------------------------------------------
 
 
@@ -185,6 +242,13 @@ def test_cli_converts_a_run(tmp_path, capsys):
     _, fresh = load_run(str(tmp_path / "run"))
     converted = PeftModel.from_pretrained(fresh.unload(), out)
     assert_rounding_close(output_of(converted, batch), expected, MODEL_REL)
+
+    # the run's adapter folder alone: the base model comes from its base_model_name_or_path
+    assert main(["convert", str(tmp_path / "run" / "adapter"), "--to", "lora", "--rank", "32", "--out", str(tmp_path / "b")]) == 0
+    from safetensors.torch import load_file
+
+    by_run, by_folder = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert by_run.keys() == by_folder.keys() and all(torch.equal(by_run[k], by_folder[k]) for k in by_run)
 
     with pytest.raises(SystemExit, match="exists"):
         main(["convert", str(tmp_path / "run"), "--to", "lora", "--rank", "32"])

@@ -93,26 +93,18 @@ def _save_model(model: Any, path: str) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"))
 
 
-# The Auto class that rebuilds the base model of an adapter folder, by the adapter's task_type.
-_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
-                 "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-                 "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
-
-
 def _load_adapter_folder(folder: str, base: str | None) -> Any:
     """The base model of an adapter folder (``base``, else the folder's base_model_name_or_path)
     with the adapter loaded."""
-    import transformers
-
     from peftkit import PeftConfig, PeftModel
+    from peftkit.integrations.transformers import auto_model_class
     from peftkit.train.modeling import resolve_model_path
 
     config = PeftConfig.from_pretrained(folder)
     name = base or config.base_model_name_or_path
     if not name:
         raise SystemExit(f"{folder}: adapter_config.json names no base model; pass --base MODEL")
-    auto = getattr(transformers, _AUTO_CLASSES.get(str(getattr(config.task_type, "value", config.task_type)), "AutoModel"))
-    model = auto.from_pretrained(resolve_model_path(name))
+    model = auto_model_class(config.task_type).from_pretrained(resolve_model_path(name))
     return PeftModel.from_pretrained(model, folder)
 
 
@@ -329,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", type=int, choices=[4, 8], help="save the merged model quantised by bitsandbytes (4- or 8-bit)")
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type (default nf4)")
     p.set_defaults(func=cmd_merge)
-    p = sub.add_parser("convert", help="turn a run's (or adapter folder's) mergeable adapter into another method's, e.g. a LoRA of rank R")
+    p = sub.add_parser("convert", help="turn a run's (or adapter folder's) mergeable adapter into one of another method, of rank R")
     p.add_argument("run", help="a run folder (config.yaml, adapter/) or an adapter folder")
     p.add_argument("--to", required=True, help="the method to convert to (peftkit methods lists them)")
     p.add_argument("--rank", type=int, required=True, help="rank of the result")
