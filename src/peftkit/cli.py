@@ -93,10 +93,10 @@ def _save_model(model: Any, path: str) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"))
 
 
-def _load_adapter_folder(folder: str, base: str | None) -> Any:
-    """The base model of an adapter folder (``base``, else the folder's base_model_name_or_path)
-    with the adapter loaded."""
-    from peftkit import PeftConfig, PeftModel
+def _base_of_adapter_folder(folder: str, base: str | None) -> Any:
+    """The base model of an adapter folder: ``base``, else the folder's base_model_name_or_path,
+    built by the transformers Auto class of its task_type."""
+    from peftkit import PeftConfig
     from peftkit.integrations.transformers import auto_model_class
     from peftkit.train.modeling import resolve_model_path
 
@@ -104,17 +104,21 @@ def _load_adapter_folder(folder: str, base: str | None) -> Any:
     name = base or config.base_model_name_or_path
     if not name:
         raise SystemExit(f"{folder}: adapter_config.json names no base model; pass --base MODEL")
-    model = auto_model_class(config.task_type).from_pretrained(resolve_model_path(name))
-    return PeftModel.from_pretrained(model, folder)
+    return auto_model_class(config.task_type).from_pretrained(resolve_model_path(name))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from peftkit.core.inplace import attached_in_place
     from peftkit.core.registry import all_methods, get_method
+    from peftkit.train.run import Prepared
 
     targets = {m.peft_type: m.extra["convert"] for m in all_methods() if "convert" in m.extra}
     convert = targets.get(args.to.upper())
     if convert is None:
-        get_method(args.to.upper())  # an unknown name gets the registry's suggestions
+        try:
+            get_method(args.to.upper())  # an unknown name gets the registry's suggestions
+        except ValueError as exc:
+            raise SystemExit(f"peftkit convert: {exc}") from None
         raise SystemExit(f"peftkit convert: {args.to} is not a conversion target; targets: {sorted(t.lower() for t in targets)}")
     run_dir = os.path.isfile(os.path.join(args.run, "config.yaml"))
     folder = os.path.normpath(args.run)
@@ -123,13 +127,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if os.path.exists(out):
         raise SystemExit(f"{out} exists; choose a new folder with --out")
     if run_dir:
-        model = _load_run(args.run)[1]
+        run, model = _load_run(args.run)
+        fresh_base = lambda: Prepared(run.cfg, run.labels).model  # noqa: E731
     elif os.path.isfile(os.path.join(args.run, "adapter_config.json")):
-        model = _load_adapter_folder(args.run, args.base)
+        from peftkit import PeftModel
+
+        model = PeftModel.from_pretrained(_base_of_adapter_folder(args.run, args.base), args.run)
+        fresh_base = lambda: _base_of_adapter_folder(args.run, args.base)  # noqa: E731
     else:
         raise SystemExit(f"{args.run} is neither a run folder (config.yaml) nor an adapter folder (adapter_config.json)")
+    extra: dict[str, Any] = {}
+    in_place = attached_in_place(model.get_base_model())
+    if in_place is not None and not in_place.keep_original:  # the weights before training, for the deltas
+        extra["pretrained"] = fresh_base()
     try:
-        result = convert(model, rank=args.rank, bias=args.bias)
+        result = convert(model, rank=args.rank, bias=args.bias, **extra)
     except ValueError as exc:
         raise SystemExit(f"peftkit convert: {exc}") from None
     result.save_pretrained(out)

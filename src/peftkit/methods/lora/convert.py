@@ -200,6 +200,7 @@ def convert_to_lora(
     bias: str = "auto",
     base_model: nn.Module | None = None,
     dtype: torch.dtype = torch.float32,
+    pretrained: nn.Module | None = None,
 ) -> LoraConversion:
     """A LoRA of rank ``rank`` that approximates an adapter's weight changes.
 
@@ -215,6 +216,10 @@ def convert_to_lora(
             dropped, their relative error reported (LoRA-only servers take no biases).
         base_model: the plain base model, when ``model_or_adapter`` is a folder.
         dtype: dtype of the LoRA factors.
+        pretrained: the model before training, for an adapter that trained the model's own
+            weights in place (full or layer-wise fine-tuning) without ``keep_original``;
+            its deltas are the trained weights minus these. Modules LoRA cannot adapt whose
+            weights changed (LayerNorm) are carried whole in ``modules_to_save``.
 
     Returns:
         A :class:`LoraConversion`: ``.config``, ``.state_dict``, ``.layers`` (the per-module
@@ -238,12 +243,9 @@ def convert_to_lora(
     # Every refusal is found before any work: the adapter's kind, each layer, each module.
     refusals = []
     for n, layer in layers:
-        if isinstance(layer, InPlaceAdapter):
-            refusals.append(f"{source_type} adapters train the model's own weights in place: merge_and_unload() gives "
-                            "the trained model; there is no adapter layer to convert")
-        elif isinstance(layer, ModulesToSaveWrapper):
+        if isinstance(layer, (InPlaceAdapter, ModulesToSaveWrapper)):
             continue
-        elif not is_mergeable(layer):
+        if not is_mergeable(layer):
             refusals.append(f"{n}: {type(layer).__name__} ({source_type}) cannot be merged into the weights, so it has no "
                             "weight delta to approximate")
         elif not is_lora_supported(layer.base_layer):
@@ -254,7 +256,7 @@ def convert_to_lora(
     if refusals:
         raise ConversionError(f"cannot convert the {source_type} adapter {name!r} to LoRA:\n  " + "\n  ".join(dict.fromkeys(refusals)))
 
-    trained_base = adapter_base_parameter_names(root, name)
+    trained_base = adapter_base_parameter_names(root, name) if not any(isinstance(x, InPlaceAdapter) for _, x in layers) else []
     source_bias = getattr(source_config, "bias", "none") if trained_base else "none"
     if trained_base and not (source_bias in ("all", "lora_only") and all(p.endswith("bias") for p in trained_base)):
         raise ConversionError(f"the adapter trains base parameters {trained_base[:3]} that a LoRA cannot carry")
@@ -262,53 +264,64 @@ def convert_to_lora(
         raise ConversionError(f"the adapter trains biases (bias={source_bias!r}); convert with bias='auto' to keep them")
 
     state: dict[str, torch.Tensor] = {}
-    report: list[LayerConversion] = []
-    ranks: dict[str, int] = {}
-    changed_bias = False
     carried: list[str] = []
-    fan_in_fan_out = False
+    # (module name, the module the LoRA wraps, {parameter: W' − W₀}, its bias before the adapter)
+    items: list[tuple[str, nn.Module, dict[str, torch.Tensor], torch.Tensor | None]] = []
     for n, layer in layers:
         if isinstance(layer, ModulesToSaveWrapper):
             carried.append(n)
             state.update({f"{PREFIX}{n}.{k}": v.detach().to("cpu", copy=True) for k, v in layer.adapter_state_dict(name).items()})
-            continue
-        base = layer.base_layer
-        try:
-            deltas = weight_delta(layer, name, n)
-        except NotMergeableError as exc:
-            raise ConversionError(f"cannot convert the {source_type} adapter {name!r} to LoRA: {exc}") from None
+        elif isinstance(layer, InPlaceAdapter):
+            items.extend(_in_place_items(root, layer, pretrained, state, carried, source_type))
+        else:
+            try:
+                deltas = weight_delta(layer, name, n)
+            except NotMergeableError as exc:
+                raise ConversionError(f"cannot convert the {source_type} adapter {name!r} to LoRA: {exc}") from None
+            items.append((n, layer.base_layer, deltas, getattr(layer.base_layer, "bias", None)))
+
+    report: list[LayerConversion] = []
+    ranks: dict[str, int] = {}
+    bias0: dict[str, torch.Tensor] = {}
+    changed_bias = False
+    kinds: set[str] = set()
+    for n, base, deltas, own_bias in items:
         other = sorted(set(deltas) - {"weight", "bias"})
         if other:
             raise ConversionError(f"{n}: the adapter changes {other} of the {type(base).__name__}, which a LoRA cannot carry")
-        weight = base.weight
         r = min(rank, full_rank(base))
         ranks[n] = r
         alpha = float(r if lora_alpha is None else lora_alpha)
-        delta = deltas.get("weight", torch.zeros(weight.shape, dtype=torch.float64))
+        delta = deltas.get("weight", torch.zeros(base.weight.shape, dtype=torch.float64))
         a, b, error, delta_rank = _svd(_matrix(base, delta.cpu()), r, alpha / r)
         state.update({f"{PREFIX}{n}.{k}": v.to(dtype).contiguous() for k, v in _factors(base, a, b).items()})
         bias_error = 0.0
+        if isinstance(own_bias, torch.Tensor):
+            bias0[n] = own_bias.detach().to("cpu", copy=True)
         if "bias" in deltas:
-            new_bias = base.bias.detach().cpu().double() + deltas["bias"].cpu()
+            new_bias = own_bias.detach().cpu().double() + deltas["bias"].cpu()
             if bias == "auto":
                 changed_bias = True
-                state[f"{PREFIX}{n}.base_layer.bias"] = new_bias.to(base.bias.dtype)
+                state[f"{PREFIX}{n}.base_layer.bias"] = new_bias.to(own_bias.dtype)
             else:
                 bias_error = float(deltas["bias"].norm() / new_bias.norm()) if new_bias.norm() > 0 else 0.0
-        fan_in_fan_out = fan_in_fan_out or is_transformers_conv1d(base)
+        kinds.add("conv1d" if is_transformers_conv1d(base) else "linear" if isinstance(base, nn.Linear) else "other")
         report.append(LayerConversion(n, tuple(_matrix(base, delta).shape), r, delta_rank, error, bias_error))
+    if not items:
+        raise ConversionError(f"the {source_type} adapter {name!r} changes no weight a LoRA could carry")
 
     if trained_base:  # the source's own trained biases, as they are
         params = dict(root.named_parameters())
         state.update({PREFIX + p: params[p].detach().to("cpu", copy=True) for p in trained_base if p in params})
     out_bias = source_bias if trained_base else ("lora_only" if changed_bias else "none")
     if out_bias == "lora_only":  # such a LoRA stores the bias of every layer it wraps that has one
-        for n in ranks:
-            own = getattr(root.get_submodule(n).base_layer, "bias", None)
-            if isinstance(own, torch.Tensor):
-                state.setdefault(f"{PREFIX}{n}.base_layer.bias", own.detach().to("cpu", copy=True))
+        for n, own in bias0.items():
+            state.setdefault(f"{PREFIX}{n}.base_layer.bias", own)
     alpha = float(rank if lora_alpha is None else lora_alpha)
     narrow = {n: r for n, r in ranks.items() if r != rank}
+    # Readers detect GPT-2's Conv1D by themselves; the flag is written where it holds for every
+    # module (peftkit refuses it on an nn.Linear, Hugging Face PEFT corrects it either way).
+    fan_in_fan_out = "conv1d" in kinds and "linear" not in kinds
     config = LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=sorted(ranks), rank_pattern=narrow,
         alpha_pattern={n: float(r) for n, r in narrow.items()} if lora_alpha is None else {},
@@ -316,9 +329,60 @@ def convert_to_lora(
         task_type=getattr(source_config, "task_type", None),
         base_model_name_or_path=getattr(source_config, "base_model_name_or_path", None),
     )
-    for n in ranks:
-        check_lora_target(root.get_submodule(n).base_layer, config, n)
+    for n, base, _, _ in items:
+        check_lora_target(base, config, n)
     return LoraConversion(config, state, report, source_type, carried)
+
+
+def _in_place_items(root: nn.Module, layer: InPlaceAdapter, pretrained: nn.Module | None, state: dict[str, torch.Tensor],
+                    carried: list[str], source_type: str) -> list[tuple[str, nn.Module, dict[str, torch.Tensor], torch.Tensor | None]]:
+    """The modules whose own parameters an in-place adapter trained, with their deltas (for
+    LoRA), or carried whole into ``state`` / ``carried`` (modules LoRA cannot adapt). A
+    parameter shared by several modules (tied embeddings and output layer) gives each of them
+    its delta."""
+    trained_now = bool(layer.merged_adapters)
+    current = dict(root.named_parameters())
+    if layer._elsewhere is not None:
+        other = layer._elsewhere  # the values not in the model: the originals while merged
+        originals = other if trained_now else {n: current[n] for n in layer.parameter_names}
+        trained = {n: current[n] for n in layer.parameter_names} if trained_now else other
+    elif pretrained is not None:
+        before = dict(pretrained.named_parameters())
+        missing = [n for n in layer.parameter_names if n not in before]
+        if missing:
+            raise ConversionError(f"pretrained= has no parameters {missing[:3]}: pass the model the run started from")
+        originals, trained = before, {n: current[n] for n in layer.parameter_names}
+    else:
+        raise ConversionError(
+            f"the {source_type} adapter trained the model's weights in place and kept no copy of the originals: pass "
+            "pretrained= (the model before training), or train with keep_original=True"
+        )
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for mname, module in root.named_modules(remove_duplicate=False):
+        for leaf, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mname, leaf))
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    originals_of: dict[str, dict[str, torch.Tensor]] = {}
+    for pname in layer.parameter_names:
+        delta = trained[pname].detach().cpu().double() - originals[pname].detach().cpu().double()
+        if not bool(delta.any()):
+            continue
+        for mname, leaf in owners.get(id(current[pname]), []):
+            per_module.setdefault(mname, {})[leaf] = delta
+            originals_of.setdefault(mname, {})[leaf] = originals[pname].detach()
+    out = []
+    for mname, deltas in per_module.items():
+        module = root.get_submodule(mname) if mname else root
+        if mname and is_lora_supported(module) and set(deltas) <= {"weight", "bias"}:
+            out.append((mname, module, deltas, originals_of[mname].get("bias", getattr(module, "bias", None))))
+        elif mname and not isinstance(module, InPlaceAdapter):
+            carried.append(mname)
+            state.update({f"{PREFIX}{mname}.{k}": trained.get(f"{mname}.{k}", p).detach().to("cpu", copy=True)
+                          for k, p in module.named_parameters()})
+        else:
+            raise ConversionError(f"the adapter changes parameters {sorted(deltas)} of the model itself, which a LoRA cannot carry")
+    return out
 
 
 def _modules_to_save(source_config: Any, carried: list[str]) -> list[str] | None:
