@@ -17,6 +17,11 @@ as LoRA itself handles them. A bias the adapter changes ((IA)³ scaling a layer'
 scales its bias too) is kept exactly by a LoRA with ``bias="lora_only"`` (the default,
 ``bias="auto"``), or dropped (``bias="none"``, what LoRA-only servers load) with its
 relative error reported.
+
+Adapters that train the model's own weights in place (full and layer-wise fine-tuning)
+convert too: their deltas are the trained weights minus the originals (kept with
+``keep_original``, or given as ``pretrained=``); modules LoRA cannot adapt (LayerNorms) are
+carried whole in ``modules_to_save``.
 """
 
 from __future__ import annotations
