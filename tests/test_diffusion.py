@@ -484,3 +484,25 @@ def test_kohya_sdxl_prefixes_and_refusals(pipeline_dir, tmp_path):
         save_file(tensors, str(tmp_path / f"{name}.safetensors"))
         with pytest.raises(DiffusersLoraError, match=message):
             load_lora_weights(tmp_path / f"{name}.safetensors", unet=_unet(pipeline_dir))
+
+
+def test_ia3_unet_converted_to_lora_reaches_diffusers_as_a_kohya_file(pipeline_dir, tmp_path):
+    """Any mergeable method's result, here (IA)³ on the UNet, goes to a LoRA-only loader:
+    convert_to_lora at full rank, then a kohya file that diffusers loads."""
+    from peftkit import IA3Config, convert_to_lora
+    from peftkit.integrations.kohya import save_kohya_lora_weights
+
+    ia3 = get_peft_model(_unet(pipeline_dir), IA3Config(target_modules=["to_q", "to_k", "to_v", "ff.net.2"],
+                                                        feedforward_modules=["ff.net.2"]))
+    _perturb(ia3, 51)
+    text_encoder = _text_encoder(pipeline_dir)
+    _, expected = _outputs(ia3, text_encoder)
+    result = convert_to_lora(ia3, rank=64, bias="none")
+    assert result.max_error < 1e-6  # no bias changed: to_q/k/v have none, ff.net.2's input is scaled
+    path = save_kohya_lora_weights(tmp_path, unet=result.apply(_unet(pipeline_dir)))
+    pipe = _pipeline(pipeline_dir)
+    _, base = _outputs(pipe.unet, pipe.text_encoder)
+    pipe.load_lora_weights(path)
+    _, got = _outputs(pipe.unet, pipe.text_encoder)
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
