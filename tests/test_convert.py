@@ -112,15 +112,20 @@ def test_low_rank_error_is_reported_truthfully_and_optimal():
     assert wide.config.rank_pattern == {"lin0": 16} and wide.max_error < 1e-6
 
 
-def test_changed_biases_are_kept_or_dropped_with_their_error():
+def test_changed_biases_are_kept_or_dropped_with_their_error(tmp_path):
     """(IA)³ scaling a layer's outputs scales its bias too: bias='auto' keeps the new bias
-    (LoRA with bias='lora_only'), bias='none' drops it and says how much it was."""
+    (LoRA with bias='lora_only', which Hugging Face PEFT loads too), bias='none' drops it and
+    says how much it was."""
     plain, model = _adapted("mlp", IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]))
     inputs = inputs_for("mlp")
     expected = output_of(model, inputs)
     kept = convert_to_lora(model, rank=32)
     assert kept.config.bias == "lora_only" and "base_model.model.lin0.base_layer.bias" in kept.state_dict
     assert_rounding_close(output_of(kept.apply(copy.deepcopy(plain)), inputs), expected, MODEL_REL)
+    peft = pytest.importorskip("peft")
+    kept.save_pretrained(tmp_path / "kept")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(plain), str(tmp_path / "kept"))
+    assert_rounding_close(output_of(theirs, inputs), expected, MODEL_REL)
 
     dropped = convert_to_lora(model, rank=32, bias="none")
     assert dropped.config.bias == "none"
@@ -170,9 +175,14 @@ def test_refusals_name_the_problem():
     _, lora = _adapted("mlp", LoraConfig(r=2, target_modules=["lin0"]))
     with pytest.raises(ConversionError, match="positive integer"):
         convert_to_lora(lora, rank=0)
+    lora.add_adapter("other", LoraConfig(r=2, target_modules=["lin0"]))
+    lora.set_adapter(["default", "other"])
+    with pytest.raises(ConversionError, match="active together"):
+        convert_to_lora(lora, rank=2)
+    assert convert_to_lora(lora, rank=2, adapter_name="other").max_error == 0.0  # B = 0 at initialisation
     lora.merge_adapter()
     with pytest.raises(ConversionError, match="unmerge_adapter"):
-        convert_to_lora(lora, rank=2)
+        convert_to_lora(lora, rank=2, adapter_name="default")
     with pytest.raises(ConversionError, match="base_model="):
         convert_to_lora("some/folder", rank=2)
 

@@ -148,6 +148,8 @@ def _source(model_or_adapter: Any, adapter_name: str | None, base_model: nn.Modu
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict) and hasattr(model, "get_base_model"):
         root = model.get_base_model()
+        if adapter_name is None and len(model.active_adapters) > 1:
+            raise ConversionError(f"adapters {model.active_adapters} are active together; pass adapter_name= one of them")
         name = adapter_name or model.active_adapter
         if name in getattr(model, "model_adapters", {}):
             kind = type(configs[name]).peft_type
