@@ -305,6 +305,21 @@ def test_training_lowers_the_loss_and_writes_a_diffusers_file(pipeline_dir, tmp_
     pipe_states, pipe_out = _outputs(pipe.unet, pipe.text_encoder)
     torch.testing.assert_close(pipe_states, states, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pipe_out, out, atol=1e-5, rtol=1e-5)
+    # the kohya file beside it loads the same
+    pipe = _pipeline(pipeline_dir)
+    pipe.load_lora_weights(adapter / "lora.safetensors")
+    torch.testing.assert_close(_outputs(pipe.unet, pipe.text_encoder)[1], out, atol=1e-5, rtol=1e-5)
+    # peftkit convert (here to a LoRA of rank 2) writes the run's diffusers file for the result too
+    from peftkit.cli import main
+
+    assert main(["convert", str(tmp_path / "run"), "--to", "lora", "--rank", "2"]) == 0
+    converted = tmp_path / "run" / "adapter_lora_r2"
+    assert (converted / LORA_WEIGHT_NAME).is_file() and (converted / "lora.safetensors").is_file()
+    pipe = _pipeline(pipeline_dir)
+    pipe.load_lora_weights(converted)
+    expected = PeftModel.from_pretrained(Prepared(cfg, None).model, converted).get_base_model()
+    torch.testing.assert_close(_outputs(pipe.unet, pipe.text_encoder)[1], _outputs(expected.unet, expected.text_encoder)[1],
+                               atol=1e-5, rtol=1e-5)
     # evaluation of the saved adapter reproduces the best validation loss
     items = run.encode_all(run.task.read(cfg.data.validation, cfg.data))
     result = run.evaluate(PeftModel.from_pretrained(Prepared(cfg, None).model, adapter), items)

@@ -145,6 +145,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"peftkit convert: {exc}") from None
     result.save_pretrained(out)
+    if run_dir:  # the files a task adds beside a run's adapter (another tool's format), for the new one too
+        converted = result.apply(fresh_base())
+        run.task.after_save(converted, out, run.cfg)
     print(result.table())
     print(f"\n{result.source_type} -> {args.to.upper()} rank {args.rank}: largest relative error {result.max_error:.3e}; "
           f"written to {out}")
