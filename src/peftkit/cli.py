@@ -145,9 +145,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"peftkit convert: {exc}") from None
     result.save_pretrained(out)
-    if run_dir:  # the files a task adds beside a run's adapter (another tool's format), for the new one too
-        converted = result.apply(fresh_base())
-        run.task.after_save(converted, out, run.cfg)
+    from peftkit.train.tasks.base import Task
+
+    # the files a task adds beside a run's adapter (another tool's format), for the new one too
+    if run_dir and type(run.task).after_save is not Task.after_save:
+        run.task.after_save(result.apply(fresh_base()), out, run.cfg)
     print(result.table())
     print(f"\n{result.source_type} -> {args.to.upper()} rank {args.rank}: largest relative error {result.max_error:.3e}; "
           f"written to {out}")
