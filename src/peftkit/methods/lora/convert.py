@@ -10,7 +10,7 @@ so that ``s·B·A`` (s = α/r) is the best rank-r approximation of ΔW (Eckart�
 relative error ``‖ΔW − s·B·A‖_F / ‖ΔW‖_F = √(Σ_{i>r} σᵢ²) / √(Σ σᵢ²)`` is reported per
 module. Where r is at least the rank of ΔW the LoRA is exact (up to float32 rounding).
 
-Weight deltas come from :func:`peftkit.core.delta.weight_delta`, which asks nothing of a
+Weight deltas come from :func:`peftkit.core.weight_delta.weight_delta`, which asks nothing of a
 layer but that it merges, so a new method's layers convert without changes here.
 Convolutions (ΔW seen as out × in·kernel), embeddings and GPT-2's ``Conv1D`` are handled
 as LoRA itself handles them. A bias the adapter changes ((IA)³ scaling a layer's outputs
@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core.delta import NotMergeableError, is_mergeable, weight_delta
 from peftkit.core.inplace import InPlaceAdapter
 from peftkit.core.layer import adapter_layers
 from peftkit.core.modules_to_save import ModulesToSaveWrapper
 from peftkit.core.tuner import adapter_base_parameter_names
+from peftkit.core.weight_delta import NotMergeableError, is_mergeable, weight_delta
 from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layer import SUPPORTED, check_lora_target, full_rank, is_lora_supported

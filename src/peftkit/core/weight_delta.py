@@ -3,16 +3,13 @@
 A mergeable adapter layer is one whose ``merge_one`` folds the adapter into its base
 module. Its *weight delta* is then the difference it makes to each of the base module's
 parameters, and every mergeable layer has one, whatever its formula: LoRA's ``s·B·A``,
-(IA)³'s ``(l − 1) ⊙ W₀``, a sparse scatter, a Kronecker or Hadamard product, a rotation
-``R·W₀ − W₀``. :func:`weight_delta` finds it through that protocol alone:
-
-- a layer may define ``delta_weight(adapter_name) -> {parameter name: delta}`` (keys as in
-  ``base_layer.named_parameters()``, each delta shaped like the parameter), computed
-  exactly from its factors;
-- any other layer is merged into a float64 copy of itself and the copy's parameters are
-  compared with their values before the merge. float64 keeps the subtraction's rounding
-  error (about 1e-16 of the weight) far below float32's, so the delta is exact to float32
-  precision; the model itself is never touched.
+(IA)³'s ``(l − 1) ⊙ W₀`` (and its bias), a sparse scatter, a Kronecker or Hadamard product,
+a rotation ``R·W₀ − W₀``. :func:`weight_delta` finds it through ``merge_one`` alone: the
+layer is merged into a float64 copy of itself and the copy's parameters are compared with
+their values before the merge. float64 keeps the subtraction's rounding error (about 1e-16
+of the weight) far below float32's, so the delta is exact to float32 precision, and it is
+the change merging makes (a strength set by ``scale_adapter``, DoRA's renormalisation and
+a changed bias included); the model itself is never touched.
 
 A layer that cannot be merged (its ``merge_one`` raises NotImplementedError: bottleneck
 adapters, which are non-linear) has no weight delta, and :class:`NotMergeableError` says so.
@@ -21,38 +18,27 @@ adapters, which are non-linear) has no weight delta, and :class:`NotMergeableErr
 from __future__ import annotations
 
 import copy
-from typing import Protocol, runtime_checkable
 
 import torch
 
 from peftkit.core.layer import AdapterLayer
 
-__all__ = ["DeltaWeightLayer", "NotMergeableError", "is_mergeable", "weight_delta"]
+__all__ = ["NotMergeableError", "is_mergeable", "weight_delta"]
 
 
 class NotMergeableError(ValueError):
     """An adapter whose effect is not a change of the wrapped module's weights."""
 
 
-@runtime_checkable
-class DeltaWeightLayer(Protocol):
-    """An adapter layer that computes its weight delta directly (optional: see the module)."""
-
-    def delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """``{name in base_layer.named_parameters(): W' − W₀}`` for one adapter."""
-        ...
-
-
 def is_mergeable(layer: AdapterLayer) -> bool:
     """Whether the layer's class folds adapters into its base module (defines ``merge_one``)."""
-    return isinstance(layer, DeltaWeightLayer) or type(layer).merge_one is not AdapterLayer.merge_one
+    return type(layer).merge_one is not AdapterLayer.merge_one
 
 
 @torch.no_grad()
 def weight_delta(layer: AdapterLayer, adapter_name: str, module_name: str = "") -> dict[str, torch.Tensor]:
     """``{parameter name: W' − W₀}`` of the base module's parameters that adapter
-    ``adapter_name`` changes (float64 on the CPU where found by merging a copy;
-    parameters left unchanged are absent).
+    ``adapter_name`` changes (float64, on the CPU; parameters left unchanged are absent).
 
     Args:
         layer: an adapter layer holding the adapter.
@@ -66,8 +52,6 @@ def weight_delta(layer: AdapterLayer, adapter_name: str, module_name: str = "") 
     where = module_name or type(layer).__name__
     if adapter_name not in layer.adapter_names:
         raise KeyError(f"{where} holds no adapter named {adapter_name!r} (it holds {layer.adapter_names})")
-    if isinstance(layer, DeltaWeightLayer):
-        return {k: v.detach() for k, v in layer.delta_weight(adapter_name).items()}
     if not is_mergeable(layer):
         raise NotMergeableError(f"{where}: {type(layer).__name__} adapters cannot be merged into the weights")
     base = layer.base_layer
