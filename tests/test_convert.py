@@ -172,6 +172,9 @@ def test_refusals_name_the_problem():
     prompt = get_peft_model(build("gpt2"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.raises(ConversionError, match="not its weights"):
         convert_to_lora(prompt, rank=4)
+    depthwise = get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=4)), IA3Config(target_modules=["0"]))
+    with pytest.raises(ConversionError, match=r"groups=1"):  # its update is no single factor pair
+        convert_to_lora(depthwise, rank=2)
     _, lora = _adapted("mlp", LoraConfig(r=2, target_modules=["lin0"]))
     with pytest.raises(ConversionError, match="positive integer"):
         convert_to_lora(lora, rank=0)

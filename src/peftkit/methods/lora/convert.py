@@ -43,13 +43,21 @@ from peftkit.core.tuner import adapter_base_parameter_names
 from peftkit.core.weight_delta import NotMergeableError, is_mergeable, weight_delta
 from peftkit.integrations.transformers import is_transformers_conv1d
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.layer import SUPPORTED, check_lora_target, full_rank, is_lora_supported
+from peftkit.methods.lora.layer import check_lora_target, full_rank
 
 __all__ = ["ConversionError", "LayerConversion", "LoraConversion", "convert_to_lora"]
 
 PREFIX = "base_model.model."
 REPORT_NAME = "conversion.json"
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The modules whose LoRA is one factor pair s·B·A over the weight seen as a matrix.
+CONVERTIBLE = "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d (groups=1), nn.Embedding"
+
+
+def _convertible(module: nn.Module) -> bool:
+    if isinstance(module, _CONV_TYPES):
+        return module.groups == 1
+    return isinstance(module, (nn.Linear, nn.Embedding)) or is_transformers_conv1d(module)
 
 
 class ConversionError(ValueError):
@@ -255,9 +263,9 @@ def convert_to_lora(
         if not is_mergeable(layer):
             refusals.append(f"{n}: {type(layer).__name__} ({source_type}) cannot be merged into the weights, so it has no "
                             "weight delta to approximate")
-        elif not is_lora_supported(layer.base_layer):
-            refusals.append(f"{n}: the adapter changes a {type(layer.base_layer).__name__}, which LoRA cannot adapt "
-                            f"(LoRA supports {SUPPORTED})")
+        elif not _convertible(layer.base_layer):
+            refusals.append(f"{n}: the adapter changes a {type(layer.base_layer).__name__}, whose update is not one LoRA "
+                            f"factor pair (conversion targets {CONVERTIBLE})")
         elif layer.merged_adapters:
             refusals.append(f"{n}: adapters are merged into the weights; call unmerge_adapter() before converting")
     if refusals:
@@ -381,7 +389,7 @@ def _in_place_items(root: nn.Module, layer: InPlaceAdapter, pretrained: nn.Modul
     out = []
     for mname, deltas in per_module.items():
         module = root.get_submodule(mname) if mname else root
-        if mname and is_lora_supported(module) and set(deltas) <= {"weight", "bias"}:
+        if mname and _convertible(module) and set(deltas) <= {"weight", "bias"}:
             out.append((mname, module, deltas, originals_of[mname].get("bias", getattr(module, "bias", None))))
         elif mname and not isinstance(module, InPlaceAdapter):
             carried.append(mname)
