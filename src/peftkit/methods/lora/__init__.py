@@ -6,13 +6,16 @@ from torch import nn
 
 from peftkit.core.layer import adapter_layers
 from peftkit.core.registry import Method, register_method
+from peftkit.methods.lora import convert
 from peftkit.methods.lora.adaptive import AdaptiveOptions, adaptive_training
 from peftkit.methods.lora.combine import add_weighted_lora
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.convert import LoraConversion, convert_to_lora
 from peftkit.methods.lora.layer import SUPPORTED, LoraLayer, check_lora_target, create_lora_layer, is_lora_supported
 
 __all__ = ["LoraConfig", "LoraConversion", "LoraLayer", "add_weighted_lora", "convert_to_lora"]
+
+LoraConversion = convert.LoraConversion
+convert_to_lora = convert.convert_to_lora
 
 
 def _trained_biases(model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
