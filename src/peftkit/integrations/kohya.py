@@ -51,7 +51,15 @@ from peftkit.integrations.diffusers import (
     diffusers_lora_state_dict,
 )
 
-__all__ = ["KOHYA_PREFIXES", "is_kohya_state_dict", "kohya_lora_state_dict", "load_kohya_lora_weights", "save_kohya_lora_weights"]
+__all__ = [
+    "KOHYA_PREFIXES",
+    "KOHYA_WEIGHT_NAME",
+    "is_kohya_state_dict",
+    "kohya_lora_state_dict",
+    "load_kohya_lora_weights",
+    "read_kohya_lora_weights",
+    "save_kohya_lora_weights",
+]
 
 KOHYA_WEIGHT_NAME = "lora.safetensors"
 # component -> key prefix (SD 1.x/2.x); with text_encoder_2 the first text encoder is lora_te1_.
