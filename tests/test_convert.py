@@ -19,6 +19,7 @@ from peftkit import (
     BottleneckConfig,
     FullFineTuningConfig,
     IA3Config,
+    LayerwiseConfig,
     LoraConfig,
     PeftModel,
     PromptTuningConfig,
@@ -71,13 +72,14 @@ def test_conversion_at_full_rank_reproduces_the_outputs(case):
 
 
 def test_full_fine_tuning_converts_with_norms_carried_and_tied_weights():
-    """Weights trained in place: deltas against the kept originals (BERT, keep_original) or the
+    """Weights trained in place (layer-wise, full): deltas against the kept originals (BERT, keep_original) or the
     pretrained model given (GPT-2, whose output layer shares the embedding matrix: both get
     the delta). LayerNorms, which LoRA cannot adapt, travel whole in modules_to_save."""
-    for kind, config in (("bert", FullFineTuningConfig(task_type="SEQ_CLS", keep_original=True)), ("gpt2", FullFineTuningConfig())):
+    for kind, config in (("bert", LayerwiseConfig(top_layers=1, keep_original=True)),
+                         ("bert", FullFineTuningConfig(task_type="SEQ_CLS", keep_original=True)), ("gpt2", FullFineTuningConfig())):
         plain = build(kind)
         model = get_peft_model(copy.deepcopy(plain), config)
-        perturb(model, scale=0.02)
+        perturb(model, scale=0.05)
         inputs = inputs_for(kind)
         expected = output_of(model, inputs)
         result = convert_to_lora(model, rank=64, pretrained=None if config.keep_original else plain)
