@@ -305,6 +305,21 @@ def test_training_lowers_the_loss_and_writes_a_diffusers_file(pipeline_dir, tmp_
     pipe_states, pipe_out = _outputs(pipe.unet, pipe.text_encoder)
     torch.testing.assert_close(pipe_states, states, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pipe_out, out, atol=1e-5, rtol=1e-5)
+    # the kohya file beside it loads the same
+    pipe = _pipeline(pipeline_dir)
+    pipe.load_lora_weights(adapter / "lora.safetensors")
+    torch.testing.assert_close(_outputs(pipe.unet, pipe.text_encoder)[1], out, atol=1e-5, rtol=1e-5)
+    # peftkit convert (here to a LoRA of rank 2) writes the run's diffusers file for the result too
+    from peftkit.cli import main
+
+    assert main(["convert", str(tmp_path / "run"), "--to", "lora", "--rank", "2"]) == 0
+    converted = tmp_path / "run" / "adapter_lora_r2"
+    assert (converted / LORA_WEIGHT_NAME).is_file() and (converted / "lora.safetensors").is_file()
+    pipe = _pipeline(pipeline_dir)
+    pipe.load_lora_weights(converted)
+    expected = PeftModel.from_pretrained(Prepared(cfg, None).model, converted).get_base_model()
+    torch.testing.assert_close(_outputs(pipe.unet, pipe.text_encoder)[1], _outputs(expected.unet, expected.text_encoder)[1],
+                               atol=1e-5, rtol=1e-5)
     # evaluation of the saved adapter reproduces the best validation loss
     items = run.encode_all(run.task.read(cfg.data.validation, cfg.data))
     result = run.evaluate(PeftModel.from_pretrained(Prepared(cfg, None).model, adapter), items)
@@ -332,3 +347,177 @@ def test_image_folder_captions_and_config_errors(pipeline_dir, tmp_path):
     bad = build_config(_config(tmp_path / "not_a_pipeline", tmp_path, tmp_path / "run") | {"data": {"train": str(folder)}})
     with pytest.raises(ConfigError, match=r"lacks \['vae', 'text_encoder', 'tokenizer', 'scheduler'\]"):
         task.load(bad, None)
+
+
+# -- kohya / A1111 files -----------------------------------------------------------------------
+
+# Every kind of layer of the UNet that kohya-style LoRA (LoCon included) adapts: attention and
+# feed-forward projections, the 1×1 projection convolutions, resnet convolutions, shortcuts,
+# time-embedding projections, down/upsamplers and the outer convolutions.
+KOHYA_UNET_TARGETS = [*UNET_TARGETS, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj",
+                      "conv_shortcut", "conv", "conv_in", "conv_out", "linear_1", "linear_2"]
+
+
+def test_kohya_file_written_by_peftkit_loads_in_diffusers(pipeline_dir, tmp_path):
+    from peftkit.integrations.kohya import load_kohya_lora_weights, save_kohya_lora_weights
+
+    unet = get_peft_model(_unet(pipeline_dir), LoraConfig(
+        r=4, lora_alpha=6, target_modules=KOHYA_UNET_TARGETS, rank_pattern={"attn2.to_k": 2},
+        alpha_pattern={"mid_block.attentions.0.transformer_blocks.0.attn1.to_q": 3}))
+    text_encoder = get_peft_model(_text_encoder(pipeline_dir), LoraConfig(
+        r=2, lora_alpha=5, target_modules=[*TEXT_TARGETS, "fc1", "fc2"], use_rslora=True))
+    _perturb(unet, 11)
+    _perturb(text_encoder, 12)
+    path = save_kohya_lora_weights(tmp_path / "style.safetensors", unet=unet, text_encoder=text_encoder)
+    with safe_open(path, framework="pt") as fh:
+        keys = set(fh.keys())
+        q_alpha = fh.get_tensor("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha")
+        conv_down = fh.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in keys
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in keys
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    assert len(keys) == 3 * (83 + 12)  # every Linear and Conv2d of the UNet, 6 linears × 2 layers of the text encoder
+    assert q_alpha.item() == pytest.approx(5 / 2**0.5 * 2)  # α/r of the file = the rank-stabilised α/√r
+    assert tuple(conv_down.shape) == (4, 32, 3, 3)
+
+    pipe = _pipeline(pipeline_dir)
+    base_states, base_out = _outputs(pipe.unet, pipe.text_encoder)
+    pipe.load_lora_weights(path)
+    states, out = _outputs(unet, text_encoder)
+    pipe_states, pipe_out = _outputs(pipe.unet, pipe.text_encoder)
+    assert (states - base_states).abs().max() > 1e-2 and (out - base_out).abs().max() > 1e-2
+    torch.testing.assert_close(pipe_states, states, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pipe_out, out, atol=1e-5, rtol=1e-5)
+
+    # peftkit reads its file back, by the kohya reader and by the diffusers entry point (the
+    # modules whose α was folded into their factors round differently: not to the bit)
+    for loaded in (load_kohya_lora_weights(path, unet=_unet(pipeline_dir), text_encoder=_text_encoder(pipeline_dir)),
+                   load_lora_weights(path, unet=_unet(pipeline_dir), text_encoder=_text_encoder(pipeline_dir))):
+        again_states, again_out = _outputs(loaded["unet"], loaded["text_encoder"])
+        torch.testing.assert_close(again_states, states, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again_out, out, atol=1e-5, rtol=1e-5)
+    assert loaded["unet"].peft_config["default"].rank_for("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k") == 2
+
+
+def test_kohya_text_encoder_file_without_out_proj_loads_in_diffusers(pipeline_dir, tmp_path):
+    """diffusers tells a text encoder's key kind by an out_proj entry; a LoRA on q/v (and the
+    MLP) alone gets a rank-1 zero LoRA on one out_proj, which changes nothing."""
+    from peftkit.integrations.kohya import save_kohya_lora_weights
+
+    text_encoder = get_peft_model(_text_encoder(pipeline_dir), LoraConfig(r=2, target_modules=["q_proj", "v_proj", "fc1"]))
+    _perturb(text_encoder, 41)
+    path = save_kohya_lora_weights(tmp_path, text_encoder=text_encoder)
+    with safe_open(path, framework="pt") as fh:
+        marker = fh.get_tensor("lora_te_text_model_encoder_layers_0_self_attn_out_proj.lora_up.weight")
+    assert tuple(marker.shape) == (32, 1) and not marker.any()
+    pipe = _pipeline(pipeline_dir)
+    pipe.load_lora_weights(path)
+    token_ids = _inputs()[2]
+    with torch.no_grad():
+        expected, base = text_encoder(token_ids)[0], _text_encoder(pipeline_dir)(token_ids)[0]
+        got = pipe.text_encoder(token_ids)[0]
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kohya_files_of_another_writer_read_as_diffusers_reads_them(pipeline_dir, tmp_path):
+    """Files laid out as sd-scripts writes them, per-module ranks, a 1×1 projection convolution:
+    (a) an α per module, differing on UNet modules other than attention projections (the only
+    place diffusers 0.42 honours an α that is not the file's most common); (b) no α at all
+    (α = r, scale 1). peftkit and diffusers give the same pipeline."""
+    from safetensors.torch import save_file
+
+    entries = {  # module path -> (rank, alpha, in, out)
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (4, 2.0, 32, 32),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (2, 2.0, 32, 32),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0": (3, 2.0, 32, 32),
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj": (4, 8.0, 64, 512),
+        "lora_unet_up_blocks_1_attentions_1_proj_in": (2, 1.0, 32, 32),  # a 1×1 Conv2d: (r, in, 1, 1), (out, r, 1, 1)
+        "lora_unet_down_blocks_0_resnets_0_time_emb_proj": (3, 0.5, 128, 32),
+        "lora_te_text_model_encoder_layers_1_self_attn_v_proj": (2, 2.0, 32, 32),
+        # (diffusers misreads a text encoder's entries unless one is an out_proj)
+        "lora_te_text_model_encoder_layers_1_self_attn_out_proj": (2, 2.0, 32, 32),
+        "lora_te_text_model_encoder_layers_0_mlp_fc2": (3, 2.0, 64, 32),  # (a differing α is dropped there)
+    }
+    for with_alpha in (True, False):
+        g = torch.Generator().manual_seed(21)
+        tensors = {}
+        for name, (r, alpha, fan_in, fan_out) in entries.items():
+            conv = (1, 1) if name.endswith("proj_in") else ()
+            tensors[f"{name}.lora_down.weight"] = torch.randn(r, fan_in, *conv, generator=g) * 0.3
+            tensors[f"{name}.lora_up.weight"] = torch.randn(fan_out, r, *conv, generator=g) * 0.3
+            if with_alpha:
+                tensors[f"{name}.alpha"] = torch.tensor(alpha)
+        file = tmp_path / f"other_{with_alpha}.safetensors"
+        save_file(tensors, str(file))
+
+        pipe = _pipeline(pipeline_dir)
+        base_states, base_out = _outputs(pipe.unet, pipe.text_encoder)
+        pipe.load_lora_weights(file)
+        expected_states, expected = _outputs(pipe.unet, pipe.text_encoder)
+        loaded = load_lora_weights(file, unet=_unet(pipeline_dir), text_encoder=_text_encoder(pipeline_dir))
+        config = loaded["unet"].peft_config["default"]
+        assert config.alpha_for("mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj") == (8.0 if with_alpha else 4)
+        states, out = _outputs(loaded["unet"], loaded["text_encoder"])
+        assert (expected - base_out).abs().max() > 1e-2 and (expected_states - base_states).abs().max() > 1e-2
+        torch.testing.assert_close(states, expected_states, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kohya_sdxl_prefixes_and_refusals(pipeline_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from peftkit.integrations.kohya import load_kohya_lora_weights, save_kohya_lora_weights
+
+    first = get_peft_model(_text_encoder(pipeline_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    second = get_peft_model(_text_encoder(pipeline_dir), LoraConfig(r=3, target_modules=["v_proj"]))
+    _perturb(first, 31)
+    _perturb(second, 32)
+    path = save_kohya_lora_weights(tmp_path / "xl", text_encoder=first, text_encoder_2=second)
+    with safe_open(path, framework="pt") as fh:
+        keys = set(fh.keys())
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_v_proj.lora_up.weight" in keys
+    loaded = load_kohya_lora_weights(path, text_encoder=_text_encoder(pipeline_dir), text_encoder_2=_text_encoder(pipeline_dir))
+    _, ids = _inputs()[1:]
+    with torch.no_grad():
+        for name, model in (("text_encoder", first), ("text_encoder_2", second)):
+            torch.testing.assert_close(loaded[name](ids)[0], model(ids)[0], atol=1e-6, rtol=1e-6)
+
+    with pytest.raises(DiffusersLoraError, match="text_encoder_2"):
+        load_kohya_lora_weights(path, text_encoder=_text_encoder(pipeline_dir))
+    dora = get_peft_model(_unet(pipeline_dir), LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
+    with pytest.raises(DiffusersLoraError, match="DoRA"):
+        save_kohya_lora_weights(tmp_path / "dora", unet=dora)
+    bad = {
+        "lycoris": ({"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}, "LyCORIS"),
+        "sdxl ldm names": ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 32),
+                            "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(32, 2)}, "LDM"),
+        "half a pair": ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, "lora_up"),
+    }
+    for name, (tensors, message) in bad.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(DiffusersLoraError, match=message):
+            load_lora_weights(tmp_path / f"{name}.safetensors", unet=_unet(pipeline_dir))
+
+
+def test_ia3_unet_converted_to_lora_reaches_diffusers_as_a_kohya_file(pipeline_dir, tmp_path):
+    """Any mergeable method's result, here (IA)³ on the UNet, goes to a LoRA-only loader:
+    convert_to_lora at full rank, then a kohya file that diffusers loads."""
+    from peftkit import IA3Config, convert_to_lora
+    from peftkit.integrations.kohya import save_kohya_lora_weights
+
+    ia3 = get_peft_model(_unet(pipeline_dir), IA3Config(target_modules=["to_q", "to_k", "to_v", "ff.net.2"],
+                                                        feedforward_modules=["ff.net.2"]))
+    _perturb(ia3, 51)
+    text_encoder = _text_encoder(pipeline_dir)
+    _, expected = _outputs(ia3, text_encoder)
+    result = convert_to_lora(ia3, rank=64, bias="none")
+    assert result.max_error < 1e-6  # no bias changed: to_q/k/v have none, ff.net.2's input is scaled
+    path = save_kohya_lora_weights(tmp_path, unet=result.apply(_unet(pipeline_dir)))
+    pipe = _pipeline(pipeline_dir)
+    _, base = _outputs(pipe.unet, pipe.text_encoder)
+    pipe.load_lora_weights(path)
+    _, got = _outputs(pipe.unet, pipe.text_encoder)
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,7 @@ from peftkit.methods.full import FullFineTuningConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.layernorm import LNTuningConfig
 from peftkit.methods.layerwise import GradualUnfreezer, LayerwiseConfig, layerwise_param_groups
-from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora import LoraConfig, convert_to_lora
 from peftkit.methods.lora.adaptive import RankAllocator
 from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftkit.methods.sparse import SparseConfig
@@ -58,6 +58,7 @@ __all__ = [
     "TargetedConfig",
     "TaskType",
     "chunked_causal_lm_loss",
+    "convert_to_lora",
     "get_method",
     "get_peft_model",
     "get_peft_model_state_dict",

@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: train, eval, predict, merge, inspect, methods."""
+"""The ``peftkit`` command: train, eval, predict, merge, convert, inspect, methods."""
 
 from __future__ import annotations
 
@@ -91,6 +91,69 @@ def _save_model(model: Any, path: str) -> None:
 
     os.makedirs(path, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"))
+
+
+def _base_of_adapter_folder(folder: str, base: str | None) -> Any:
+    """The base model of an adapter folder: ``base``, else the folder's base_model_name_or_path,
+    built by the transformers Auto class of its task_type."""
+    from peftkit import PeftConfig
+    from peftkit.integrations.transformers import auto_model_class
+    from peftkit.train.modeling import resolve_model_path
+
+    config = PeftConfig.from_pretrained(folder)
+    name = base or config.base_model_name_or_path
+    if not name:
+        raise SystemExit(f"{folder}: adapter_config.json names no base model; pass --base MODEL")
+    return auto_model_class(config.task_type).from_pretrained(resolve_model_path(name))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from peftkit.core.inplace import attached_in_place
+    from peftkit.core.registry import all_methods, get_method
+    from peftkit.train.run import Prepared
+
+    targets = {m.peft_type: m.extra["convert"] for m in all_methods() if "convert" in m.extra}
+    convert = targets.get(args.to.upper())
+    if convert is None:
+        try:
+            get_method(args.to.upper())  # an unknown name gets the registry's suggestions
+        except ValueError as exc:
+            raise SystemExit(f"peftkit convert: {exc}") from None
+        raise SystemExit(f"peftkit convert: {args.to} is not a conversion target; targets: {sorted(t.lower() for t in targets)}")
+    run_dir = os.path.isfile(os.path.join(args.run, "config.yaml"))
+    folder = os.path.normpath(args.run)
+    out = args.out or (os.path.join(folder, f"adapter_{args.to.lower()}_r{args.rank}") if run_dir
+                       else f"{folder}_{args.to.lower()}_r{args.rank}")
+    if os.path.exists(out):
+        raise SystemExit(f"{out} exists; choose a new folder with --out")
+    if run_dir:
+        run, model = _load_run(args.run)
+        fresh_base = lambda: Prepared(run.cfg, run.labels).model  # noqa: E731
+    elif os.path.isfile(os.path.join(args.run, "adapter_config.json")):
+        from peftkit import PeftModel
+
+        model = PeftModel.from_pretrained(_base_of_adapter_folder(args.run, args.base), args.run)
+        fresh_base = lambda: _base_of_adapter_folder(args.run, args.base)  # noqa: E731
+    else:
+        raise SystemExit(f"{args.run} is neither a run folder (config.yaml) nor an adapter folder (adapter_config.json)")
+    extra: dict[str, Any] = {}
+    in_place = attached_in_place(model.get_base_model())
+    if in_place is not None and not in_place.keep_original:  # the weights before training, for the deltas
+        extra["pretrained"] = fresh_base()
+    try:
+        result = convert(model, rank=args.rank, bias=args.bias, **extra)
+    except ValueError as exc:
+        raise SystemExit(f"peftkit convert: {exc}") from None
+    result.save_pretrained(out)
+    from peftkit.train.tasks.base import Task
+
+    # the files a task adds beside a run's adapter (another tool's format), for the new one too
+    if run_dir and type(run.task).after_save is not Task.after_save:
+        run.task.after_save(result.apply(fresh_base()), out, run.cfg)
+    print(result.table())
+    print(f"\n{result.source_type} -> {args.to.upper()} rank {args.rank}: largest relative error {result.max_error:.3e}; "
+          f"written to {out}")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -275,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", type=int, choices=[4, 8], help="save the merged model quantised by bitsandbytes (4- or 8-bit)")
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type (default nf4)")
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("convert", help="turn a run's (or adapter folder's) mergeable adapter into one of another method, of rank R")
+    p.add_argument("run", help="a run folder (config.yaml, adapter/) or an adapter folder")
+    p.add_argument("--to", required=True, help="the method to convert to (peftkit methods lists them)")
+    p.add_argument("--rank", type=int, required=True, help="rank of the result")
+    p.add_argument("--out", help="folder to write (default: RUN/adapter_<to>_r<rank>, or <adapter folder>_<to>_r<rank>)")
+    p.add_argument("--bias", choices=["auto", "none"], default="auto", help="keep the biases the adapter changes (auto) or drop them (none)")
+    p.add_argument("--base", help="base model of an adapter folder (default: its base_model_name_or_path)")
+    p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="module tree, parameter counts and target names")
     p.add_argument("model")
     p.add_argument("--depth", type=int, default=2)

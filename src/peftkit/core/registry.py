@@ -65,6 +65,11 @@ class Method:
         presets: named starting points for ``peftkit compare``: ``{name: {"method": {...},
             "train": {...}}}``, the method's options and the training settings it wants.
         default: the method of a run config that names none (one method only).
+        extra: further hooks, looked up by key: ``"combine"`` (``add_weighted_adapter``);
+            ``"convert"``: ``(model, rank=, bias=, pretrained=) -> result`` turns any mergeable
+            adapter into one of this method (``peftkit convert RUN --to <method>``); the result
+            has ``save_pretrained(folder)``, ``apply(model)``, ``table()``, ``max_error`` and
+            ``source_type``.
     """
 
     peft_type: str

@@ -15,7 +15,8 @@ diffusers' ``pipeline.load_lora_weights(folder)`` reads one safetensors file,
 :func:`save_lora_weights` writes such a file from peftkit LoRA adapters, with the
 metadata, so a pipeline that loads it computes what the peftkit model computes.
 :func:`load_lora_weights` reads such a file (written by peftkit, diffusers or PEFT) into
-peftkit models. Nothing here imports diffusers.
+peftkit models; it also takes kohya / A1111 files (``lora_unet_...`` keys), which
+:mod:`peftkit.integrations.kohya` reads and writes. Nothing here imports diffusers.
 """
 
 from __future__ import annotations
@@ -246,8 +247,10 @@ def read_lora_weights(path: str | os.PathLike, weight_name: str | None = None) -
         component, _, rest = key.partition(".")
         if component not in COMPONENTS or not rest:
             raise DiffusersLoraError(
-                f"{file}: key {key!r} does not start with one of {list(COMPONENTS)}; only diffusers' layout "
-                "(unet.<module>.lora_A.weight) is read, not kohya-style files (lora_unet_...)"
+                f"{file}: key {key!r} does not start with one of {list(COMPONENTS)}; this reads diffusers' layout "
+                "(unet.<module>.lora_A.weight). A kohya-style file (lora_unet_...) names modules ambiguously and is read "
+                "against the components: load_lora_weights(path, unet=..., text_encoder=...) or "
+                "peftkit.integrations.kohya.read_kohya_lora_weights"
             )
         if rest.endswith(".alpha"):  # a network alpha: α of one module
             alphas.setdefault(component, {})[rest[: -len(".alpha")]] = float(tensor.item())
@@ -314,7 +317,8 @@ def load_lora_weights(
     is_trainable: bool = False,
     weight_name: str | None = None,
 ) -> dict[str, Any]:
-    """Wraps the given components with the LoRA adapters of a diffusers LoRA file.
+    """Wraps the given components with the LoRA adapters of a diffusers LoRA file, or of a
+    kohya / A1111 file (``lora_unet_...`` keys; see :mod:`peftkit.integrations.kohya`).
 
     Args:
         path: the file, or a folder holding ``pytorch_lora_weights.safetensors``.
@@ -331,10 +335,18 @@ def load_lora_weights(
         DiffusersLoraError: the file has tensors for a component that was not given.
         peftkit.AdapterStateError: a tensor's shape does not fit the model.
     """
+    from safetensors import safe_open
+
+    from peftkit.integrations.kohya import is_kohya_state_dict, load_kohya_lora_weights
     from peftkit.peft_model import PeftModel
 
+    file = _file_of(path, weight_name)
+    with safe_open(file, framework="pt") as fh:
+        kohya = is_kohya_state_dict(fh.keys())
+    if kohya:  # kohya / A1111 keys (lora_unet_...) are resolved against the components themselves
+        return load_kohya_lora_weights(file, unet, text_encoder, text_encoder_2, adapter_name, is_trainable)
     given = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    adapters = read_lora_weights(path, weight_name)
+    adapters = read_lora_weights(file)
     missing = [c for c in adapters if given.get(c) is None]
     if missing:
         raise DiffusersLoraError(f"the file holds LoRA tensors for {missing}; pass those components too")

@@ -1,14 +1,17 @@
 """What peftkit needs to know about Hugging Face transformers models.
 
-Nothing here imports transformers: models are recognised by duck typing, so users of
-plain ``nn.Module``s need nothing else installed.
+Nothing here imports transformers (but ``auto_model_class``, when called): models are
+recognised by duck typing, so users of plain ``nn.Module``s need nothing else installed.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 __all__ = [
+    "auto_model_class",
     "enable_input_require_grads",
     "is_linear_like",
     "is_transformers_conv1d",
@@ -55,6 +58,20 @@ def output_head_names(model: nn.Module) -> list[str]:
     if not names and not hasattr(model, "config") and linear_names:
         names.append(linear_names[-1])
     return names
+
+
+# The transformers Auto class that builds the model of an adapter's task_type.
+_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                 "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+                 "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+
+
+def auto_model_class(task_type: Any) -> Any:
+    """The transformers Auto class for an adapter's ``task_type`` (``AutoModel`` for none)."""
+    import transformers
+
+    key = str(getattr(task_type, "value", task_type)) if task_type else ""
+    return getattr(transformers, _AUTO_CLASSES.get(key, "AutoModel"))
 
 
 def task_head_names(task_type: str | None) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ from torch import nn
 
 from peftkit.core.layer import adapter_layers
 from peftkit.core.registry import Method, register_method
+from peftkit.methods.lora import convert
 from peftkit.methods.lora.adaptive import AdaptiveOptions, adaptive_training
 from peftkit.methods.lora.combine import add_weighted_lora
 from peftkit.methods.lora.config import LoraConfig
@@ -18,7 +19,10 @@ from peftkit.methods.lora.layer import (
 )
 from peftkit.methods.lora.parameter import parameter_owners
 
-__all__ = ["LoraConfig", "LoraLayer", "add_weighted_lora"]
+__all__ = ["LoraConfig", "LoraConversion", "LoraLayer", "add_weighted_lora", "convert_to_lora"]
+
+LoraConversion = convert.LoraConversion
+convert_to_lora = convert.convert_to_lora
 
 
 def _trained_biases(model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
@@ -85,6 +89,7 @@ METHOD = register_method(
             "dora": {"method": {"name": "lora", "r": 8, "lora_alpha": 16, "use_dora": True}, "train": {"lr": 1e-3}},
             "adaptive_lora": {"method": {"name": "lora", "r": 12, "lora_alpha": 24, "adaptive_target_r": 4}, "train": {"lr": 1e-3}},
         },
-        extra={"combine": add_weighted_lora},
+        # "convert": what `peftkit convert RUN --to lora` calls: any mergeable adapter -> this method
+        extra={"combine": add_weighted_lora, "convert": convert_to_lora},
     )
 )

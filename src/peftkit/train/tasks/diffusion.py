@@ -280,8 +280,10 @@ class TextToImageTask(Task):
     # -- files --------------------------------------------------------------------------
     def after_save(self, model: Any, directory: str, cfg: RunConfig) -> None:
         """Writes the LoRA adapter of the UNet (and text encoder) as diffusers'
-        ``pytorch_lora_weights.safetensors`` beside peftkit's adapter files."""
+        ``pytorch_lora_weights.safetensors`` and as a kohya / A1111 file, ``lora.safetensors``
+        (AUTOMATIC1111, ComfyUI), beside peftkit's adapter files."""
         from peftkit.integrations.diffusers import DiffusersLoraError, save_lora_weights
+        from peftkit.integrations.kohya import save_kohya_lora_weights
         from peftkit.methods.lora.layer import LoraLayer
 
         base = model.get_base_model()
@@ -294,5 +296,6 @@ class TextToImageTask(Task):
             if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
                 raise DiffusersLoraError("bias or modules_to_save were trained; a diffusers LoRA file holds LoRA factors only")
             save_lora_weights(directory, **parts, adapter_name=next(iter(model.peft_config)))
+            save_kohya_lora_weights(directory, **parts, adapter_name=next(iter(model.peft_config)))
         except DiffusersLoraError as exc:
             warnings.warn(f"no diffusers LoRA file written to {directory}: {exc}", stacklevel=2)
