@@ -26,7 +26,7 @@ from peftkit.alignment.losses import GRPO_LOSS_TYPES, group_advantages, grpo_los
 from peftkit.train.schema import ConfigError, DataSection, RunConfig, path_field
 from peftkit.train.specs import is_spec, load_object
 from peftkit.train.tasks.base import Batch, Item, Task, _device_of, logits_of
-from peftkit.train.tasks.preference import MetricSums, record_line, render, report_bad, trains_base_in_place
+from peftkit.train.tasks.preference import BaseGuard, MetricSums, record_line, render, report_bad, trains_base_in_place
 from peftkit.train.tasks.text import TextModel
 
 __all__ = ["GRPOData", "GRPOOptions", "GRPOTask", "load_reward"]
@@ -188,6 +188,7 @@ class GRPOTask(Task):
         self.opts: GRPOOptions | None = None
         self.reward: Any = None
         self.reference: Any = None
+        self.guard: BaseGuard | None = None
         self.tokenizer: Any = None
         self.seed = 0
         self.generated = 0
@@ -217,6 +218,7 @@ class GRPOTask(Task):
             disable_dropout(model)
         self.tokenizer = tokenizer
         self.reference = frozen_copy(model) if self.opts.beta and trains_base_in_place(cfg) else None
+        self.guard = BaseGuard(model)
         return model, tokenizer
 
     def encoder(self, cfg: RunConfig, processor: Any, labels: list[Any] | None) -> PromptEncoder:
@@ -278,6 +280,8 @@ class GRPOTask(Task):
         logps = per_token_logps(model, ids, mask, logits_to_keep=keep, temperature=o.temperature)
         ref = None
         if o.beta:
+            if self.reference is None:
+                self.guard.check(model)
             with reference_mode(model, self._reference_on(ids.device)) as reference:
                 ref = per_token_logps(reference, ids, mask, logits_to_keep=keep, temperature=o.temperature)
         loss, metrics = grpo_loss(logps, logps.detach(), advantages, s["completion_mask"], ref_logps=ref, beta=o.beta,

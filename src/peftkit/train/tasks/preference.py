@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from peftkit.alignment.logprobs import completion_logps, disable_dropout, frozen_copy, reference_mode
+from peftkit.alignment.logprobs import completion_logps, disable_dropout, frozen_copy, reference_mode, unwrap
 from peftkit.alignment.losses import PREFERENCE_LOSS_TYPES, dpo_loss, orpo_loss, simpo_loss
 from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import Batch, Item, Task, _device_of
@@ -237,12 +237,33 @@ class MetricSums:
 
 
 def trains_base_in_place(cfg: RunConfig) -> bool:
-    """Whether the run's method changes the base weights themselves (so switching adapters
-    off cannot give the reference): its registration names base parameters it trains."""
+    """Whether the run's method is the model's own weights trained in place (it wraps no
+    module and names base parameters it trains), so switching it off cannot give the
+    reference."""
     from peftkit.train.config import split_method
 
     method, _, _ = split_method(cfg)
-    return method.trainable_base_parameters is not None
+    return method.create_layer is None and method.trainable_base_parameters is not None
+
+
+class BaseGuard:
+    """Refuses, at the first reference forward, a model whose adapters train some of the base
+    parameters themselves (LoRA with ``bias`` trained, say): with the adapters off those
+    parameters would still be the trained ones, not the reference's."""
+
+    def __init__(self, model: Any) -> None:
+        self.base = {id(p) for p in model.parameters()}
+        self.checked = False
+
+    def check(self, model: Any) -> None:
+        if self.checked:
+            return
+        trained = [n for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) in self.base]
+        if trained:
+            raise ConfigError(f"the method trains {len(trained)} of the base model's own parameters in place (e.g. "
+                              f"{trained[0]}), so switching the adapters off does not give the reference model; train "
+                              "only adapter parameters (e.g. bias: none), or set task.precompute_ref_logps: true")
+        self.checked = True
 
 
 class PreferenceTask(Task):
@@ -259,6 +280,7 @@ class PreferenceTask(Task):
         self.opts = PreferenceOptions()
         self.reference: Any = None  # a frozen copy, for methods that train the base in place
         self.cached: dict[tuple, tuple[float, float]] | None = None
+        self.guard: BaseGuard | None = None
         self.train_sums = MetricSums()
 
     # -- data -------------------------------------------------------------------------------
@@ -279,6 +301,7 @@ class PreferenceTask(Task):
         self.cached = self._reference_logps(model, tokenizer, splits, cfg) if self.opts.precompute_ref_logps else None
         needs_copy = self.opts.uses_reference and not self.opts.precompute_ref_logps and trains_base_in_place(cfg)
         self.reference = frozen_copy(model) if needs_copy else None
+        self.guard = BaseGuard(model)
         return model, tokenizer
 
     def _encoded_splits(self, cfg: RunConfig, encode: PairEncoder) -> list[list[Item]]:
@@ -349,6 +372,8 @@ class PreferenceTask(Task):
             if "ref_chosen_logps" in batch:
                 ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             else:
+                if self.reference is None:
+                    self.guard.check(model)
                 with reference_mode(model, self._reference_on(ids.device)) as ref:
                     ref_logps, _ = completion_logps(ref, ids, mask, completion)
                 ref_chosen, ref_rejected = ref_logps.chunk(2)
