@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from pref_helpers import save_model_dir, tiny_word_bert_classifier, tiny_word_llama, word_tokenizer
 
 from peftkit.train import ConfigError, build_config, run_training
+from pref_helpers import save_model_dir, tiny_word_bert_classifier, tiny_word_llama, word_tokenizer
 
 pytest.importorskip("accelerate")
 
@@ -208,7 +208,6 @@ def test_qlora_reference_is_the_quantised_base(ws):
     from peftkit import LoraConfig, get_peft_model
     from peftkit.alignment import completion_logps, reference_mode
     from peftkit.quantization import quantize_model
-
     from pref_helpers import perturb
 
     tok = ws["tok"]
