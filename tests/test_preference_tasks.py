@@ -38,6 +38,7 @@ def ws(tmp_path_factory):
     tok = word_tokenizer(chat=True)
     return {"root": root, "tok": tok, "llama": save_model_dir(root, "llama", tiny_word_llama(len(tok)), tok),
             "bert": save_model_dir(root, "bert", tiny_word_bert_classifier(len(tok)), tok),
+            "bert2": save_model_dir(root, "bert2", tiny_word_bert_classifier(len(tok), num_labels=2), tok),
             "pairs": _jsonl(root / "pairs.jsonl", _pairs(32)), "val": _jsonl(root / "val.jsonl", _pairs(8))}
 
 
@@ -168,10 +169,17 @@ def test_reward_run_then_grpo_scored_by_it_and_by_a_function(ws):
     assert reward["metric"] == "accuracy" and reward["metric_after"]["accuracy"] >= reward["metric_before"]["accuracy"]
     train, evals = _rows(ws["root"] / "rm")
     assert {"accuracy", "margin"} <= set(train[-1]) and "accuracy" in evals[-1]
+    # a sentiment classifier run: its probability of "pos" is the reward
+    texts = [{"text": f"the film was {(GOOD if i % 2 else BAD)[i % 4]}", "label": "pos" if i % 2 else "neg"} for i in range(16)]
+    classifier = _raw(ws, "classification", "clf", model="bert2", method={"name": "lora", "r": 4, "target_modules": ["query"]},
+                      steps=2)
+    classifier["data"] = {"train": str(_jsonl(ws["root"] / "sentiment.jsonl", texts))}
+    run_training(build_config(classifier), overwrite=True, quiet=True)
     (ws["root"] / "words.py").write_text(POSITIVE_WORDS.format(words=GOOD))
-    for reward_spec, out, beta in ((str(ws["root"] / "rm"), "grpo-rm", 0.0), ("words.py:reward", "grpo-fn", 0.04)):
-        raw = _raw(ws, {"name": "grpo", "reward": reward_spec, "num_generations": 4, "max_completion_length": 5, "beta": beta},
-                   out, steps=2, batch_size=4)
+    for reward_spec, label, out, beta in ((str(ws["root"] / "rm"), None, "grpo-rm", 0.0), ("words.py:reward", None, "grpo-fn", 0.04),
+                                          (str(ws["root"] / "clf"), "pos", "grpo-clf", 0.0)):
+        raw = _raw(ws, {"name": "grpo", "reward": reward_spec, "reward_label": label, "num_generations": 4,
+                        "max_completion_length": 5, "beta": beta}, out, steps=2, batch_size=4)
         raw["data"]["max_eval_examples"] = 4
         path = ws["root"] / f"{out}.yaml"
         path.write_text(yaml.safe_dump(raw))
@@ -183,6 +191,8 @@ def test_reward_run_then_grpo_scored_by_it_and_by_a_function(ws):
         assert keys <= set(train[-1]) and ("kl" in train[-1]) == bool(beta)
         assert summary["metric"] == "reward" and 0 < train[-1]["completions/mean_length"] <= 5
         assert summary["throughput"] > 0  # generated tokens per second
+        if label is not None:
+            assert all(0.0 <= r["reward"] <= 1.0 for r in train + evals)  # a class probability
     bad = _raw(ws, {"name": "grpo", "reward": "nowhere.py:f", "max_completion_length": 5}, "grpo-bad")
     with pytest.raises(ConfigError, match="nowhere.py"):
         run_training(build_config(bad), overwrite=True, quiet=True)

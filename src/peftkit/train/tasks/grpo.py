@@ -175,6 +175,8 @@ class PromptCollator:
 
 
 class GRPOTask(Task):
+    """GRPO: online RL from a reward, on completions the policy samples."""
+
     name = "grpo"
     task_type = "CAUSAL_LM"
     unit = "tokens"

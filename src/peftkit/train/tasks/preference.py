@@ -267,6 +267,8 @@ class BaseGuard:
 
 
 class PreferenceTask(Task):
+    """Offline preference tuning of a causal LM from pairs: DPO and its family, ORPO, SimPO."""
+
     name = "preference"
     task_type = "CAUSAL_LM"
     unit = "tokens"

@@ -50,6 +50,8 @@ class RewardCollator:
 
 
 class RewardTask(Task):
+    """A reward model trained on preference pairs with the Bradley–Terry loss."""
+
     name = "reward"
     task_type = "SEQ_CLS"
     unit = "tokens"
