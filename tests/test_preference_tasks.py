@@ -198,7 +198,7 @@ def test_reward_run_then_grpo_scored_by_it_and_by_a_function(ws):
         run_training(build_config(bad), overwrite=True, quiet=True)
 
 
-def test_compare_runs_preference_methods_side_by_side(ws):
+def test_compare_runs_preference_methods_side_by_side(ws, capsys):
     from peftkit.cli import main
 
     raw = _raw(ws, "preference", "cmp", steps=2)
@@ -206,7 +206,17 @@ def test_compare_runs_preference_methods_side_by_side(ws):
     path = ws["root"] / "cmp.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = ws["root"] / "cmp-report"
+    from peftkit.train.compare import run_config
+
+    for name in ("lora", "ia3"):  # trained here, in this process; compare then finds them finished and reuses them
+        cfg = run_config(raw, name, str(out))
+        folder = Path(cfg["output_dir"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "compare_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+        run_training(build_config(cfg), overwrite=True, quiet=True)
+    capsys.readouterr()
     assert main(["compare", str(path), "--methods", "lora,ia3", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
     data = json.loads((out / "compare.json").read_text())
     assert data["metric"] == "rewards/accuracies"
     assert {r["method"]: r["status"] for r in data["rows"]} == {"lora": "ok", "ia3": "ok"}
