@@ -84,6 +84,13 @@ def test_dpo_with_lora_from_the_command_line_logs_trls_metrics(ws, capsys):
     assert after["rewards/margins"] > 0 and after["rewards/accuracies"] > before["rewards/accuracies"]
     assert after["eval_loss"] < before["eval_loss"]
     assert (out / "training_curve.png").stat().st_size > 0 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    # the finished run evaluates on other pairs and writes completions for prompts
+    assert main(["eval", str(out), "--data", str(ws["val"])]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["examples"] == 8 and abs(shown["rewards/margins"] - after["rewards/margins"]) < 1e-5  # the same pairs
+    assert main(["predict", str(out), "--input", str(ws["val"]), "--max-new-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8 and all(line.startswith(("the film was\t", "the movie was\t")) for line in lines)
 
 
 def test_bad_pairs_are_reported_by_line_before_anything_trains(ws):

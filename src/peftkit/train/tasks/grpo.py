@@ -15,7 +15,7 @@ completions.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,7 +26,15 @@ from peftkit.alignment.losses import GRPO_LOSS_TYPES, group_advantages, grpo_los
 from peftkit.train.schema import ConfigError, DataSection, RunConfig, path_field
 from peftkit.train.specs import is_spec, load_object
 from peftkit.train.tasks.base import Batch, Item, Task, _device_of, logits_of
-from peftkit.train.tasks.preference import BaseGuard, MetricSums, record_line, render, report_bad, trains_base_in_place
+from peftkit.train.tasks.preference import (
+    BaseGuard,
+    MetricSums,
+    generate_completions,
+    record_line,
+    render,
+    report_bad,
+    trains_base_in_place,
+)
 from peftkit.train.tasks.text import TextModel
 
 __all__ = ["GRPOData", "GRPOOptions", "GRPOTask", "load_reward"]
@@ -234,6 +242,16 @@ class GRPOTask(Task):
 
     def units(self, batch: Batch) -> int:
         return self.generated
+
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
+                labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
+        prompts = [render(processor, prompt_of(r, cfg.data) or "")[0] for r in records]
+        for prompt, completion in zip(prompts, generate_completions(model, processor, prompts, options.get("max_new_tokens", 32)),
+                                      strict=True):
+            yield f"{prompt}\t{completion}"
+
+    def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
+        return [{cfg.data.prompt_column: line} for line in lines]
 
     # -- sampling and scoring -------------------------------------------------------------------
     @torch.no_grad()

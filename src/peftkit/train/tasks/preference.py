@@ -16,7 +16,7 @@ untouched base) and training makes no reference forward at all.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -155,6 +155,22 @@ def render(tokenizer: Any, prompt: Text, completion: Text | None = None) -> tupl
         return head, whole[len(head):] if whole.startswith(head) else _content(turns)
     head = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
     return head, _content(turns)
+
+
+def generate_completions(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> Iterator[str]:
+    """Greedy completions of ``prompts`` (texts), 16 at a time, left-padded."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), 16):
+            enc = tokenizer(prompts[start : start + 16], padding=True, add_special_tokens=False, return_tensors="pt")
+            enc = {k: v.to(_device_of(model)) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            for ids in out[:, enc["input_ids"].shape[1] :]:
+                yield tokenizer.decode(ids, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
 
 
 class PairEncoder:
@@ -352,6 +368,20 @@ class PreferenceTask(Task):
 
     def units(self, batch: Batch) -> int:
         return int(batch["attention_mask"].sum())
+
+    # -- prediction: what the tuned model writes after each prompt -----------------------------
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
+                labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
+        prompts = [render(processor, pair_of(r, cfg.data)[0] or "")[0] for r in records]
+        for prompt, completion in zip(prompts, generate_completions(model, processor, prompts, options.get("max_new_tokens", 32)),
+                                      strict=True):
+            yield f"{prompt}\t{completion}"
+
+    def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
+        return _content(pair_of(record, cfg.data)[0])
+
+    def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
+        return [{cfg.data.prompt_column: line} for line in lines]
 
     # -- the loss ---------------------------------------------------------------------------
     def pair_outputs(self, model: Any, batch: Batch) -> dict[str, torch.Tensor]:
