@@ -60,7 +60,11 @@ def _resolve_paths(section: Any, base_dir: str) -> None:
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if f.metadata.get("path") and isinstance(value, str) and value:
-            setattr(section, f.name, _near(value, base_dir))
+            file, sep, attr = value.rpartition(":")
+            if sep and file.endswith(".py") and is_spec(value):  # a ``file.py:function`` spec: its file
+                setattr(section, f.name, f"{_near(file, base_dir)}:{attr}")
+            else:
+                setattr(section, f.name, _near(value, base_dir))
 
 
 def _near(path: str, base_dir: str) -> str:
@@ -137,7 +141,7 @@ def build_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
         compare=dict(raw.get("compare") or {}),
         extensions=extensions,
     )
-    for section in (config.model, config.data):
+    for section in (config.model, config.data, *([config.task_options] if dataclasses.is_dataclass(config.task_options) else [])):
         _resolve_paths(section, base_dir)
     if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
         raise ConfigError(f"output_dir {config.output_dir!r} is a file; name a folder (it is created if missing)")

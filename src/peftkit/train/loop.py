@@ -125,12 +125,13 @@ class _Progress:
     def __init__(self, enabled: bool, unit: str) -> None:
         self.enabled, self.tty, self.unit = enabled, sys.stdout.isatty(), unit
 
-    def show(self, step: int, total: int, loss: float, lr: float, rate: float) -> None:
+    def show(self, step: int, total: int, loss: float, lr: float, rate: float, extra: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
         width = 24
         done = int(width * step / max(1, total))
-        line = f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} {self.unit}/s"
+        shown = "".join(f"  {key} {value:.4g}" for key, value in (extra or {}).items())
+        line = f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}  loss {loss:.4f}{shown}  lr {lr:.2e}  {rate:,.0f} {self.unit}/s"
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
 
     def close(self) -> None:
@@ -436,8 +437,10 @@ def _log_step(run: Run) -> None:
         lr = run.scheduler.get_last_lr()[0]
         rate = state.units / max(state.train_seconds, 1e-9)
         losses, state.loss_window = state.loss_window, []
-        _record(run, {"step": step, "loss": sum(losses) / len(losses), "lr": lr, f"{run.task.unit}_per_second": rate})
-        run.progress.show(step, end, state.history[-1]["loss"], lr, rate)
+        row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, f"{run.task.unit}_per_second": rate}
+        _record(run, {**row, **run.task.train_metrics()})
+        own = state.history[-1]
+        run.progress.show(step, end, own["loss"], lr, rate, {k: own[k] for k in run.task.progress_metrics if k in own})
 
 
 def _after_step(run: Run) -> None:

@@ -78,10 +78,15 @@ def history_figure(history: list[dict[str, Any]], metric: str, before: dict[str,
         ax.set_ylim(bottom=0)
     axes = [ax]
     steps, values = series(metric)
-    if steps and metric != "eval_loss":
+    trained = [(float(h["step"]), float(h[metric])) for h in train if metric in h]  # a task's own training metric
+    if (steps or trained) and metric != "eval_loss":
         other = ax.twinx()
-        other.plot(steps, values, "o-", color="tab:orange", label=f"validation {metric}")
-        other.set_ylim(*metric_limits(values))
+        if trained:
+            other.plot([x for x, _ in trained], [y for _, y in trained], color="tab:orange", alpha=0.45, linewidth=1,
+                       label=f"training {metric}")
+        if steps:
+            other.plot(steps, values, "o-", color="tab:orange", label=f"validation {metric}")
+        other.set_ylim(*metric_limits(values + [y for _, y in trained]))
         other.set_ylabel(metric)
         axes.append(other)
         if 0.0 in steps:

@@ -201,6 +201,8 @@ class Task:
     default_metric = "eval_loss"
     #: what the throughput figure counts
     unit = "examples"
+    #: keys of :meth:`train_metrics` that the progress line shows beside the loss
+    progress_metrics: ClassVar[tuple[str, ...]] = ()
 
     # -- data ---------------------------------------------------------------------------
     def check_records(self, records: list[dict[str, Any]], path: str, data: DataSection) -> None:
@@ -245,6 +247,12 @@ class Task:
     # -- training and evaluation ----------------------------------------------------------
     def loss(self, model: Any, batch: Batch) -> torch.Tensor:
         return model(**batch).loss
+
+    def train_metrics(self) -> dict[str, float]:
+        """The task's own training metrics since the last call (e.g. means over the
+        micro-batches its :meth:`loss` saw), added to the training rows of ``metrics.jsonl``;
+        none by default."""
+        return {}
 
     def eval_batch(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
         """``(summed loss, count, predictions, gold)`` of one batch; predictions may be None."""
