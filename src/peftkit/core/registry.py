@@ -62,6 +62,10 @@ class Method:
         presets: named starting points for ``peftkit compare``: ``{name: {"method": {...},
             "train": {...}}}``, the method's options and the training settings it wants.
         default: the method of a run config that names none (one method only).
+        shared_state: ``(model, adapter_name, config) -> {key: tensor}`` for tensors an
+            adapter keeps once for the whole model rather than per layer (shared random
+            projections, say). Keys are relative to the ``PeftModel`` (``base_model.<key>``
+            in the file); loading copies the file's values into the returned tensors.
     """
 
     peft_type: str
@@ -80,6 +84,7 @@ class Method:
     training_options: type | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     default: bool = False
+    shared_state: Callable[[nn.Module, str, Any], dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
