@@ -177,7 +177,7 @@ class OFTLayer(AdapterLayer):
         weight = self.base_layer.weight
         rotation = self.oft_R[adapter_name].matrix().to(torch.float64)
         # W = W'·(Dᵀ)⁻¹, solved in double precision
-        restored = torch.linalg.solve(rotation, weight.to(torch.float64), left=False)
+        restored = torch.linalg.solve(rotation.T, weight.to(torch.float64), left=False)
         weight.copy_(restored.to(weight.dtype))
 
 
