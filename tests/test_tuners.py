@@ -132,6 +132,11 @@ def test_vera_projections_are_those_peft_draws_from_the_seed(tmp_path) -> None:
     # every layer slices the one shared pair
     projections = {id(layer.vera_projections) for layer in (ours.base_model.model.lin0, ours.base_model.model.lin1)}
     assert len(projections) == 1
+    holder = ours.base_model.model.lin0.vera_projections
+    ours.add_adapter("other", VeraConfig(**kwargs))
+    assert holder.has("other") and ours.base_model.model.lin1.vera_projections is holder
+    ours.delete_adapter("other")
+    assert not holder.has("other") and holder.has("default")
 
 
 # -- AdaLoRA: the schedule against PEFT's, the regulariser, peftkit train --------------------------
@@ -175,6 +180,12 @@ def test_adalora_schedule_prunes_the_triplets_peft_prunes(tmp_path) -> None:
     assert saved["rank_pattern"] == theirs_pattern
     reread = _quiet(peft.PeftModel.from_pretrained, build("bert"), tmp_path / "ours")
     assert_rounding_close(output_of(reread, inputs), output_of(ours, inputs), INTEROP_REL)
+    # and PEFT's trained, cut file loads here
+    _quiet(theirs.save_pretrained, tmp_path / "theirs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = PeftModel.from_pretrained(build("bert"), tmp_path / "theirs")
+    assert_rounding_close(output_of(loaded, inputs), output_of(theirs, inputs), INTEROP_REL)
 
 
 def test_orthogonal_regulariser_adds_its_gradient_once_per_step() -> None:

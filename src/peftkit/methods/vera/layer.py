@@ -62,6 +62,10 @@ class SharedProjections(nn.Module):
     def get(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"A_{adapter_name}"), getattr(self, f"B_{adapter_name}")
 
+    def drop(self, adapter_name: str) -> None:
+        for part in ("A", "B"):
+            self._buffers.pop(f"{part}_{adapter_name}", None)
+
     def has(self, adapter_name: str) -> bool:
         return f"A_{adapter_name}" in self._buffers
 
@@ -104,6 +108,7 @@ class VeraLayer(DeltaLayer):
     def forget_adapter(self, adapter_name: str) -> None:
         super().forget_adapter(adapter_name)
         self.dropout.pop(adapter_name, None)
+        self.vera_projections.drop(adapter_name)  # shared: every layer drops the adapter together
 
     def _sliced(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.vera_projections.get(adapter_name)
