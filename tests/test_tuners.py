@@ -327,3 +327,15 @@ def test_delta_methods_interpolate_and_run_per_example_adapters(method) -> None:
         adapted, plain = layer(x), layer.base_layer(x)
         interpolate(model, 0.5)
         assert_rounding_close(layer(x), (adapted + plain) / 2, MODEL_REL, msg=name)
+
+
+@pytest.mark.parametrize(("method", "kind", "expected"), [
+    ("LOHA", "bert", ["query", "value"]), ("LOKR", "llama", ["q_proj", "v_proj"]), ("VERA", "t5", ["q", "v"]),
+    ("OFT", "vit", ["q_proj", "v_proj"]), ("ADALORA", "mlp", "all-linear"),
+])
+def test_default_targets_are_the_attention_query_and_value(method, kind, expected) -> None:
+    """Without target_modules (a compare preset names none) the query and value projections are
+    adapted, else every linear layer; the config records the choice."""
+    extra = {"r": 4, "oft_block_size": 0} if method == "OFT" else {"r": 4} if method == "VERA" else {}
+    model = get_peft_model(build(kind), OURS[method](**extra))
+    assert model.peft_config["default"].target_modules == expected

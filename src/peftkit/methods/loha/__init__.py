@@ -3,11 +3,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
+from peftkit.core.defaults import attention_targets
 from peftkit.core.registry import Method, register_method
 from peftkit.methods.loha.config import LoHaConfig
 from peftkit.methods.loha.layer import SUPPORTED, LoHaLayer, create_loha_layer, is_loha_supported
 
 __all__ = ["LoHaConfig", "LoHaLayer"]
+
+
+def _prepare(model: nn.Module, config: Any) -> None:
+    """Names the default targets (the attention's query and value projections, else every
+    linear layer) in the config, so the saved file lists them."""
+    if config.target_modules is None:
+        config.target_modules = attention_targets(model, is_loha_supported)
+
 
 METHOD = register_method(
     Method(
@@ -16,6 +29,7 @@ METHOD = register_method(
         description="LoHa: trains a Hadamard product of two low-rank products beside chosen weights (rank up to r²), mergeable",
         supported=SUPPORTED,
         is_supported=is_loha_supported,
+        prepare_config=_prepare,
         create_layer=create_loha_layer,
         presets={"loha": {"method": {"name": "loha", "r": 8, "alpha": 8}, "train": {"lr": 1e-3}}},
     )

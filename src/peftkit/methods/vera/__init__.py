@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.core.defaults import attention_targets
 from peftkit.core.layer import adapter_layers
 from peftkit.core.registry import Method, register_method
 from peftkit.core.targeting import find_targets
@@ -20,6 +21,8 @@ __all__ = ["SharedProjections", "VeraConfig", "VeraLayer"]
 def _prepare(model: nn.Module, config: VeraConfig) -> None:
     """Draws the adapter's projections for the largest input and output among the targets
     (before any layer is wrapped, so that every layer slices the same ones)."""
+    if config.target_modules is None:
+        config.target_modules = attention_targets(model, is_vera_supported)
     inside = [f"{name}.{child}" for name, layer in adapter_layers(model) for child, _ in layer.named_children()]
     targets = find_targets(
         model, config.target_modules,
