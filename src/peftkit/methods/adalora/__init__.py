@@ -31,6 +31,7 @@ METHOD = register_method(
         supported=SUPPORTED,
         is_supported=is_adalora_supported,
         prepare_config=_prepare,
+        default_targets=lambda model: attention_targets(model, is_adalora_supported),  # for `peftkit inspect`
         create_layer=create_adalora_layer,
         training_hooks=adalora_training,
         training_options=AdaLoraOptions,

@@ -30,6 +30,7 @@ METHOD = register_method(
         supported=SUPPORTED,
         is_supported=is_loha_supported,
         prepare_config=_prepare,
+        default_targets=lambda model: attention_targets(model, is_loha_supported),  # for `peftkit inspect`
         create_layer=create_loha_layer,
         presets={"loha": {"method": {"name": "loha", "r": 8, "alpha": 8}, "train": {"lr": 1e-3}}},
     )

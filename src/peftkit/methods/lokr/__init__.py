@@ -30,6 +30,7 @@ METHOD = register_method(
         supported=SUPPORTED,
         is_supported=is_lokr_supported,
         prepare_config=_prepare,
+        default_targets=lambda model: attention_targets(model, is_lokr_supported),  # for `peftkit inspect`
         create_layer=create_lokr_layer,
         presets={"lokr": {"method": {"name": "lokr", "r": 8, "alpha": 8}, "train": {"lr": 1e-3}}},
     )

@@ -30,6 +30,7 @@ METHOD = register_method(
         supported=SUPPORTED,
         is_supported=is_oft_supported,
         prepare_config=_prepare,
+        default_targets=lambda model: attention_targets(model, is_oft_supported),  # for `peftkit inspect`
         create_layer=create_oft_layer,
         presets={"oft": {"method": {"name": "oft", "oft_block_size": 32, "r": 0}, "train": {"lr": 1e-3}}},
     )

@@ -59,6 +59,7 @@ METHOD = register_method(
         description="VeRA: trains two vectors per layer that scale random projections shared by all layers (tiny), mergeable",
         supported=SUPPORTED,
         is_supported=is_vera_supported,
+        default_targets=lambda model: attention_targets(model, is_vera_supported),  # for `peftkit inspect`
         create_layer=create_vera_layer,
         prepare_config=_prepare,
         shared_state=_adapter_projections,
