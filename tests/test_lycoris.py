@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from adapter_checks import assert_rounding_close, rounding_tolerance
+from peftkit import LoHaConfig, LoKrConfig, get_peft_model
 from peftkit.core.layer import AdapterLayer
-from peftkit.integrations.lycoris import LycorisError, kohya_name, load_lycoris
+from peftkit.integrations.lycoris import LycorisError, kohya_name, load_lycoris, save_lycoris
 
 pytest.importorskip("diffusers")
 
@@ -188,3 +189,26 @@ def test_lycoris_files_that_do_not_fit_are_refused_before_any_change() -> None:
     with pytest.raises(LycorisError, match=r"lokr_w2_b: the file holds shape \(2, 9\)"):
         load_lycoris(encoder, bad_shape, prefix="lora_te")
     assert not any(isinstance(m, AdapterLayer) for m in encoder.modules()), "a refused file changed the model"
+
+
+def test_peftkit_loha_and_lokr_write_lycoris_files_that_read_back(tmp_path) -> None:
+    """save_lycoris then load_lycoris: the same outputs; kohya names (CLIP under text_model)."""
+    unet = get_peft_model(_unet(), LoHaConfig(r=2, alpha=3, target_modules=["to_q", "to_v", "conv1"],
+                                              use_effective_conv2d=True, init_weights=False))
+    expected = _unet_out(unet)
+    save_lycoris(unet, tmp_path / "unet.safetensors", prefix="lora_unet")
+    assert_rounding_close(_unet_out(load_lycoris(_unet(), tmp_path / "unet.safetensors")), expected, REL)
+    # lokr on the text encoder: q_proj factored (W2 a rank-2 product), fc1 with both factors full
+    encoder = get_peft_model(_text_encoder(), LoKrConfig(r=2, alpha=5, target_modules=["q_proj", "fc1"],
+                                                         rank_pattern={"fc1": 8}, init_weights=False))
+    expected = _text_out(encoder)
+    save_lycoris(encoder, tmp_path / "te.safetensors", prefix="lora_te")
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "te.safetensors")
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc1.lokr_w2" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lokr_w2_b" in keys
+    assert_rounding_close(_text_out(load_lycoris(_text_encoder(), tmp_path / "te.safetensors", prefix="lora_te")),
+                          expected, REL)
+    with pytest.raises(LycorisError, match="no LoHa or LoKr adapter named 'other'"):
+        save_lycoris(encoder, tmp_path / "x.safetensors", prefix="lora_te", adapter_name="other")

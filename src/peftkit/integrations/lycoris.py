@@ -13,6 +13,9 @@ factors under the same suffixes peftkit's layers use, and a scalar ``.alpha``:
   (and ``lokr_t2``); ``ΔW = s·W1 ⊗ W2`` with ``s = alpha/r`` when a factor is stored as a
   rank-r product (r its inner size), and ``s = 1`` when both are full matrices.
 
+:func:`save_lycoris` writes a peftkit LoHa or LoKr adapter in this layout (a LoKr whose factors
+are both full has its scale folded into ``lokr_w1``, since readers apply none then).
+
 :func:`load_lycoris` builds the matching :class:`~peftkit.LoHaConfig` / :class:`~peftkit.LoKrConfig`
 (the adapted modules, their ranks and alphas) and loads the tensors, so the result is an
 ordinary peftkit adapter: merged, unloaded, saved in Hugging Face PEFT's format.
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LycorisError", "kohya_name", "load_lycoris", "read_lycoris"]
+__all__ = ["LycorisError", "kohya_name", "load_lycoris", "lycoris_state_dict", "read_lycoris", "save_lycoris"]
 
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -191,3 +194,54 @@ def load_lycoris(model: nn.Module, source: str | os.PathLike | dict[str, torch.T
         wrapped.unload()
         raise LycorisError(f"{exc} (read from a LyCORIS {kind} file)") from exc
     return wrapped
+
+
+def _file_module_name(model: nn.Module, prefix: str, name: str) -> str:
+    """The module path a kohya file names: CLIP text encoders under ``text_model.``, which
+    transformers 5 no longer has."""
+    names = {n for n, _ in model.named_modules()}
+    if prefix.startswith("lora_te") and "text_model" not in names and "encoder" in names:
+        return "text_model." + name
+    return name
+
+
+@torch.no_grad()
+def lycoris_state_dict(model: nn.Module, prefix: str = "lora_unet", adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The LoHa or LoKr adapter ``adapter_name`` of ``model`` (a ``PeftModel`` or a model with
+    the layers) as LyCORIS keys under ``prefix``.
+
+    Raises:
+        LycorisError: when the model holds no LoHa or LoKr layer with that adapter.
+    """
+    from peftkit.core.layer import adapter_layers
+    from peftkit.methods.loha.layer import LoHaLayer
+    from peftkit.methods.lokr.layer import LoKrLayer
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(inner):
+        if not isinstance(layer, (LoHaLayer, LoKrLayer)) or adapter_name not in layer.r:
+            continue
+        key = kohya_name(prefix, _file_module_name(inner, prefix, name))
+        tensors = {k: v.detach().clone() for k, v in layer.adapter_state_dict(adapter_name).items()}
+        scale = layer.scaling[adapter_name] * layer.strength.get(adapter_name, 1.0)
+        if isinstance(layer, LoHaLayer):
+            rank = tensors["hada_w1_b"].shape[0]
+        else:
+            rank = tensors["lokr_w2_b"].shape[0] if "lokr_w2_b" in tensors else (
+                tensors["lokr_w1_b"].shape[0] if "lokr_w1_b" in tensors else None)
+            if rank is None:  # both factors full: readers apply no scale, so it goes into W1
+                tensors["lokr_w1"] = tensors["lokr_w1"] * scale
+                rank, scale = 1, 1.0
+        out |= {f"{key}.{suffix}": t for suffix, t in tensors.items()}
+        out[f"{key}.alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
+    if not out:
+        raise LycorisError(f"the model holds no LoHa or LoKr adapter named {adapter_name!r} to write in LyCORIS's layout")
+    return out
+
+
+def save_lycoris(model: nn.Module, path: str | os.PathLike, prefix: str = "lora_unet", adapter_name: str = "default") -> None:
+    """Writes :func:`lycoris_state_dict` to a safetensors file (atomically)."""
+    from peftkit.core.io import save_tensors
+
+    save_tensors(path, lycoris_state_dict(model, prefix, adapter_name))
