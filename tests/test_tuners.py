@@ -339,3 +339,20 @@ def test_default_targets_are_the_attention_query_and_value(method, kind, expecte
     extra = {"r": 4, "oft_block_size": 0} if method == "OFT" else {"r": 4} if method == "VERA" else {}
     model = get_peft_model(build(kind), OURS[method](**extra))
     assert model.peft_config["default"].target_modules == expected
+
+
+@pytest.mark.parametrize("config", [
+    LoHaConfig(r=2, target_modules=["lin0", "lin1"], rank_dropout=0.5, init_weights=False),
+    LoKrConfig(r=2, target_modules=["lin0", "lin1"], rank_dropout=0.5, rank_dropout_scale=True, init_weights=False),
+    OFTConfig(r=0, oft_block_size=4, target_modules=["lin0", "lin1"], module_dropout=0.5, init_weights=False),
+], ids=["loha", "lokr", "oft"])
+def test_training_time_dropout_never_enters_a_merge(config) -> None:
+    """Merging a model left in training mode folds in the whole ΔW (rotation), not a dropped one."""
+    inputs = inputs_for("mlp")
+    model = get_peft_model(build("mlp"), config)
+    model.eval()
+    expected = output_of(model, inputs)
+    model.train()
+    model.merge_adapter()
+    model.eval()
+    assert_rounding_close(output_of(model, inputs), expected, MODEL_REL)

@@ -51,6 +51,11 @@ class DeltaLayer(AdapterLayer):
         # strength of each adapter relative to how it was trained (scale_adapter)
         self.strength: dict[str, float] = {}
         self.module_dropout: dict[str, float] = {}
+        self._merging = False
+
+    def dropping(self) -> bool:
+        """Whether training-time dropout of ``ΔW`` applies now (never while merging)."""
+        return self.training and not self._merging
 
     # -- what a method defines ---------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:  # pragma: no cover - abstract
@@ -85,8 +90,12 @@ class DeltaLayer(AdapterLayer):
     # -- merging -----------------------------------------------------------------------
     def _merge_delta(self, adapter_name: str) -> torch.Tensor:
         weight = self.base_layer.weight
-        with torch.no_grad():
-            delta = self.delta_weight(adapter_name) * self.strength.get(adapter_name, 1.0)
+        self._merging = True
+        try:
+            with torch.no_grad():
+                delta = self.delta_weight(adapter_name) * self.strength.get(adapter_name, 1.0)
+        finally:
+            self._merging = False
         return delta.to(dtype=weight.dtype, device=weight.device)
 
     @torch.no_grad()

@@ -68,7 +68,7 @@ def read_lycoris(source: str | os.PathLike | dict[str, torch.Tensor]) -> dict[st
         if prefix is None:
             raise LycorisError(f"{key!r}: not a LyCORIS module key; they start with one of {', '.join(PREFIXES)}")
         if suffix not in known:
-            hint = " (a kohya LoRA file: read it as LoRA)" if suffix.startswith("lora_") or "lora_" in key.rsplit(".", 2)[-2:][0] else ""
+            hint = " (a kohya LoRA file: read it as LoRA)" if ".lora_down" in key or ".lora_up" in key else ""
             raise LycorisError(f"{key!r}: suffix {suffix!r} is neither LoHa's nor LoKr's{hint}; "
                                f"known suffixes: {', '.join(known)}")
         out.setdefault(prefix, {}).setdefault(module, {})[suffix] = tensor

@@ -100,7 +100,7 @@ class LoHaLayer(DeltaLayer):
             self.scaling[adapter_name], t1, t2,
         ).reshape(self.base_layer.weight.shape)
         p = self.rank_dropout[adapter_name]
-        if self.training and p > 0:
+        if p > 0 and self.dropping():
             keep = (torch.rand(delta.shape[0], device=delta.device) > p).to(delta.dtype)
             keep = keep / keep.mean().clamp_min(1e-12)
             delta = delta * keep.view(-1, *([1] * (delta.dim() - 1)))

@@ -126,7 +126,7 @@ class LoKrLayer(DeltaLayer):
         w1, w2 = self.factors(adapter_name)
         delta = kron_delta(w1, w2, self.scaling[adapter_name]).reshape(self.base_layer.weight.shape)
         p, rescale = self.rank_dropout[adapter_name]
-        if self.training and p > 0:
+        if p > 0 and self.dropping():
             keep = (torch.rand(delta.shape[0], device=delta.device) > p).to(delta.dtype)
             if rescale:
                 keep = keep / keep.mean().clamp_min(1e-12)

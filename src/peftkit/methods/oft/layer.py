@@ -81,12 +81,12 @@ class Rotation(nn.Module):
         self.neumann_terms = neumann_terms
         self.dropout = 0.0
 
-    def rotations(self) -> torch.Tensor:
-        """The blocks × b × b rotations."""
+    def rotations(self, dropout: bool = True) -> torch.Tensor:
+        """The blocks × b × b rotations (``dropout``: with training-time block dropout)."""
         rot = cayley(self.weight, self.block_size, self.neumann_terms)
         if rot.shape[0] != self.blocks:
             rot = rot.expand(self.blocks, -1, -1)
-        if self.training and self.dropout > 0 and self.blocks > 1:
+        if dropout and self.training and self.dropout > 0 and self.blocks > 1:
             # multiplicative dropout: a share of the blocks become the identity for this step
             chosen = torch.randperm(self.blocks, device=rot.device)[: int(self.dropout * self.blocks)]
             eye = torch.eye(self.block_size, device=rot.device, dtype=rot.dtype)
@@ -95,7 +95,7 @@ class Rotation(nn.Module):
 
     def matrix(self) -> torch.Tensor:
         """``D = blockdiag(R₁, …, R_k)`` (features × features): ``x ↦ x·D``."""
-        return torch.block_diag(*self.rotations())
+        return torch.block_diag(*self.rotations(dropout=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x·D`` computed block by block."""
