@@ -20,18 +20,23 @@ from torch import nn
 from adapter_checks import base_name
 from models import build
 from peftkit import (
+    AdaLoraConfig,
     BitFitConfig,
     BottleneckConfig,
     FullFineTuningConfig,
     IA3Config,
     LayerwiseConfig,
     LNTuningConfig,
+    LoHaConfig,
+    LoKrConfig,
     LoraConfig,
+    OFTConfig,
     PeftConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
     SparseConfig,
+    VeraConfig,
 )
 from peftkit.core.layer import adapter_layers
 from peftkit.methods.layernorm import is_norm
@@ -571,6 +576,87 @@ def _prompt_cases() -> list[Case]:
     ]
 
 
+# -- LoHa, LoKr, VeRA, OFT, AdaLoRA ----------------------------------------------------------
+# Counts from the tiny models' shapes: mlp lin0 32 × 16, lin1 32 × 32; cnn conv1 8 × 3 × 3 × 3,
+# conv2 8 × 8 × 3 × 3; BERT query/value 32 × 32 in each of 2 blocks; Llama q_proj 32 × 32.
+TUNER_R = 2
+
+
+def _loha_count(kind: str) -> int:
+    """Two rank-r products per layer: 2·r·(out + in), with in = in_channels·k·k on a
+    convolution; with Tucker cores (cnn row): 2·(r·out + r·in + r·r·k·k)."""
+    r = TUNER_R
+    if kind == "mlp":
+        return 2 * r * (32 + 16) + 2 * r * (32 + 32)
+    return 2 * (r * 8 + r * 3 + r * r * 9) + 2 * (r * 8 + r * 8 + r * r * 9)
+
+
+def _lokr_count(kind: str) -> int:
+    """W1 ⊗ W2 with out = a·b, in = c·d split near the square roots (32 = 4·8, 16 = 4·4,
+    8 = 2·4, 3 = 1·3). mlp, r = 2: W1 (4 × 4) full; W2 factored as (b × r)(r × d) since
+    r < max(b, d)/2: lin0 16 + 8·2 + 2·4, lin1 16 + 8·2 + 2·8. cnn: r ≥ max(b, d)/2, so W2
+    is a full kernel: conv1 W1 (2 × 1) + W2 (4 × 3 × 3 × 3), conv2 W1 (2 × 2) + W2 (4 × 4 × 3 × 3)."""
+    if kind == "mlp":
+        return (16 + 16 + 8) + (16 + 16 + 16)
+    return (2 + 4 * 3 * 9) + (4 + 4 * 4 * 9)
+
+
+VERA_R = 8
+VERA_LAYERS = {"mlp": ((32, 16), (32, 32)), "bert": ((32, 32),) * 4}  # (out, in) of each target
+
+
+def _vera_count(kind: str) -> int:
+    """λ_b (out) and λ_d (r) per layer."""
+    return sum(out + VERA_R for out, _ in VERA_LAYERS[kind])
+
+
+def _vera_saved(kind: str) -> int:
+    """The vectors, and the shared A (r × largest in) and B (largest out × r)."""
+    shapes = VERA_LAYERS[kind]
+    return _vera_count(kind) + VERA_R * max(i for _, i in shapes) + max(o for o, _ in shapes) * VERA_R
+
+
+OFT_BLOCK = 4
+
+
+def _oft_count(kind: str) -> int:
+    """(in / b) blocks of b(b-1)/2 values per layer (b = 4: 6 values)."""
+    inputs = {"mlp": (16, 32), "llama": (32,) * 2}[kind]  # llama: q_proj of 2 blocks
+    return sum(i // OFT_BLOCK * OFT_BLOCK * (OFT_BLOCK - 1) // 2 for i in inputs)
+
+
+ADALORA_R = 4
+
+
+def _adalora_count(kind: str) -> int:
+    """init_r triplets per layer: Q (r × in), λ (r), P (out × r)."""
+    shapes = {"mlp": ((32, 16), (32, 32)), "bert": ((32, 32),) * 4}[kind]
+    return sum(ADALORA_R * (i + o + 1) for o, i in shapes)
+
+
+_TUNER_TARGETS = {"mlp": ["lin0", "lin1"], "cnn": ["conv1", "conv2"], "bert": ["query", "value"], "llama": ["q_proj"]}
+VERA_PERTURB = 1.0  # λ_b starts at 0 and λ_d at 0.1: a change of 0.1 barely shows
+
+
+def _tuner_cases() -> list[Case]:
+    t = _TUNER_TARGETS
+    return [
+        Case("LOHA", "", "mlp", lambda: LoHaConfig(r=TUNER_R, alpha=4, target_modules=t["mlp"]),
+             lambda p, c: _loha_count("mlp")),
+        Case("LOHA", "tucker", "cnn", lambda: LoHaConfig(r=TUNER_R, target_modules=t["cnn"], use_effective_conv2d=True),
+             lambda p, c: _loha_count("cnn")),
+        Case("LOKR", "", "mlp", lambda: LoKrConfig(r=TUNER_R, alpha=4, target_modules=t["mlp"]),
+             lambda p, c: _lokr_count("mlp")),
+        Case("LOKR", "", "cnn", lambda: LoKrConfig(r=TUNER_R, target_modules=t["cnn"]), lambda p, c: _lokr_count("cnn")),
+        *(Case("VERA", "", k, lambda k=k: VeraConfig(r=VERA_R, target_modules=t[k]), lambda p, c, k=k: _vera_count(k),
+               WRAPPER_LR, saved=lambda p, c, k=k: _vera_saved(k), perturb_scale=VERA_PERTURB) for k in ("mlp", "bert")),
+        *(Case("OFT", "", k, lambda k=k: OFTConfig(r=0, oft_block_size=OFT_BLOCK, target_modules=t[k]),
+               lambda p, c, k=k: _oft_count(k)) for k in ("mlp", "llama")),
+        *(Case("ADALORA", "", k, lambda k=k: AdaLoraConfig(init_r=ADALORA_R, target_r=2, total_step=10, target_modules=t[k]),
+               lambda p, c, k=k: _adalora_count(k), perturb_scale=0.5) for k in ("mlp", "bert")),
+    ]
+
+
 def _prompt_owns(name: str, case: Case, config: PeftConfig) -> bool:
     return name.startswith("model_adapters.default.") or ".modules_to_save.default." in name
 
@@ -587,9 +673,14 @@ TRAITS: dict[str, Traits] = {
     "PROMPT_TUNING": Traits(_prompt_owns, mergeable=False),
     "PREFIX_TUNING": Traits(_prompt_owns, mergeable=False),
     "P_TUNING": Traits(_prompt_owns, mergeable=False),
+    "LOHA": Traits(_in_container("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")),
+    "LOKR": Traits(_in_container("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")),
+    "VERA": Traits(_in_container("vera_lambda_b", "vera_lambda_d")),
+    "OFT": Traits(_in_container("oft_R")),
+    "ADALORA": Traits(_in_container("lora_A", "lora_B", "lora_E")),
 }
 
 CASES: dict[str, Case] = {
     case.name: case
-    for case in (*_lora_cases(), *_methods_a_cases(), *_bottleneck_cases(), *_sparse_cases(), *_prompt_cases())
+    for case in (*_lora_cases(), *_methods_a_cases(), *_bottleneck_cases(), *_sparse_cases(), *_prompt_cases(), *_tuner_cases())
 }

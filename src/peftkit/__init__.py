@@ -15,16 +15,21 @@ from peftkit.core.registry import Method, get_method, list_methods, register_met
 from peftkit.core.state import AdapterStateError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.targeting import TargetError
 from peftkit.lm_loss import chunked_causal_lm_loss
+from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.full import FullFineTuningConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.layernorm import LNTuningConfig
 from peftkit.methods.layerwise import GradualUnfreezer, LayerwiseConfig, layerwise_param_groups
+from peftkit.methods.loha import LoHaConfig
+from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig, convert_to_lora
 from peftkit.methods.lora.adaptive import RankAllocator
+from peftkit.methods.oft import OFTConfig
 from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftkit.methods.sparse import SparseConfig
+from peftkit.methods.vera import VeraConfig
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
 from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model, save_quantized
 
@@ -35,6 +40,7 @@ except _metadata.PackageNotFoundError:  # a source tree put on sys.path, never i
     __version__ = "0+unknown"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterStateError",
     "BitFitConfig",
     "BottleneckConfig",
@@ -43,8 +49,11 @@ __all__ = [
     "IA3Config",
     "LNTuningConfig",
     "LayerwiseConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "Method",
+    "OFTConfig",
     "PeftConfig",
     "PeftModel",
     "PeftType",
@@ -57,6 +66,7 @@ __all__ = [
     "TargetError",
     "TargetedConfig",
     "TaskType",
+    "VeraConfig",
     "chunked_causal_lm_loss",
     "convert_to_lora",
     "get_method",

@@ -62,6 +62,10 @@ class Method:
         training_options: a dataclass of the run-config keys the hooks take besides the
             config's own fields (``method: {name: lora, adaptive_target_r: 4}``); they steer
             training and are not saved with the adapter.
+        shared_state: ``(model, adapter_name, config) -> {key: tensor}`` for tensors an
+            adapter keeps once for the whole model rather than per layer (shared random
+            projections, say). Keys are relative to the ``PeftModel`` (``base_model.<key>``
+            in the file); loading copies the file's values into the returned tensors.
         presets: named starting points for ``peftkit compare``: ``{name: {"method": {...},
             "train": {...}}}``, the method's options and the training settings it wants.
         default: the method of a run config that names none (one method only).
@@ -87,6 +91,7 @@ class Method:
     file_key_prefix: str | None = None
     training_hooks: Callable[[Any, Any], TrainingHooks | None] | None = None
     training_options: type | None = None
+    shared_state: Callable[[nn.Module, str, Any], dict[str, Any]] | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     default: bool = False
     extra: dict[str, Any] = field(default_factory=dict)

@@ -52,6 +52,11 @@ def _expected(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     for name, layer in adapter_layers(root):
         for key, tensor in layer.adapter_state_dict(adapter_name).items():
             out[f"{prefix}{name}.{key}" if name else f"{prefix}{key}"] = tensor
+    config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+    shared = method_for_config(config).shared_state if config is not None else None
+    if shared is not None:
+        outer = "base_model." if root is not model else ""
+        out.update({outer + key: tensor for key, tensor in shared(root, adapter_name, config).items()})
     params = dict(root.named_parameters())
     for pname in adapter_base_parameter_names(root, adapter_name):
         if pname in params:
