@@ -160,9 +160,9 @@ def main() -> None:
     med = {name: {k: statistics.median(x[k] for x in rows) for k in rows[0]} for name, rows in results.items()}
     ratios = {
         "throughput vs peft one at a time": statistics.median(
-            a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["peftkit"], results["peft one at a time"])),
+            a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["peftkit"], results["peft one at a time"], strict=True)),
         "throughput vs merged ceiling": statistics.median(
-            a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["peftkit"], results["merged ceiling"])),
+            a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["peftkit"], results["merged ceiling"], strict=True)),
     }
     C.print_table(["system", "tokens/s", "p50 latency s", "p95 latency s"],
                   [[n, f"{m['tokens_per_s']:.1f}", f"{m['p50_s']:.2f}", f"{m['p95_s']:.2f}"] for n, m in med.items()])
