@@ -186,14 +186,14 @@ def test_upload_train_and_serve(env):
     assert "Files validated, moving job to queued state" in messages and "Fine-tuning job started" in messages
     losses = [e.data["train_loss"] for e in events if e.type == "metrics"]
     steps = [e.data["step"] for e in events if e.type == "metrics"]
-    assert steps == list(range(1, 81)) and losses[-1] < losses[0] - 0.5, (steps, losses[:3], losses[-3:])
+    assert steps == list(range(1, 81)) and losses[-1] < losses[0] - 0.2, (steps, losses[:3], losses[-3:])
     page = a.fine_tuning.jobs.list_events(job.id, limit=5)
     second = a.fine_tuning.jobs.list_events(job.id, limit=5, after=page.data[-1].id)
     assert page.has_more and [e.id for e in page.data + second.data] == [e.id for e in reversed(events)][:10]
     checkpoints = list(a.fine_tuning.jobs.checkpoints.list(job.id, limit=100))
     assert sorted(c.step_number for c in checkpoints) == list(range(4, 81, 4))  # one per epoch
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-80"
-    assert "train_loss" in checkpoints[0].metrics
+    assert checkpoints[0].metrics.train_loss is not None and checkpoints[0].metrics.step == 80
     assert [j.id for j in a.fine_tuning.jobs.list(metadata={"case": "e2e"})] == [job.id]
 
 

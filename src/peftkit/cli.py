@@ -298,7 +298,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"peftkit worker: error: {exc}", file=sys.stderr)
         return 2
     worker = Worker(JobStore(engine, args.state), name=args.name, lease_seconds=args.lease_seconds,
-                    poll_seconds=args.poll_seconds)
+                    poll_seconds=args.poll_seconds, warm=args.warm)
     install_stop_signals(worker)
     worker.run(max_jobs=args.max_jobs)
     return 0
@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-seconds", type=float, default=30.0, help="a silent worker's job is taken over after this long")
     p.add_argument("--poll-seconds", type=float, default=0.5)
     p.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    p.add_argument("--warm", action="append", default=[], metavar="MODEL_DIR",
+                   help="a base model folder to prepare before the first job (repeatable)")
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("methods", help="list the methods")
     p.add_argument("--presets", action="store_true", help="also list each method's presets for peftkit compare")

@@ -93,7 +93,8 @@ class JobService:
         that dies with this one."""
         from peftkit.jobs.worker import _die_with_parent
 
-        command = [sys.executable, "-m", "peftkit.cli", "worker", "--db", self.db_url, "--state", self.state_dir,
+        warm = [arg for path in self.bases.values() for arg in ("--warm", path)]
+        command = [sys.executable, "-m", "peftkit.cli", "worker", "--db", self.db_url, "--state", self.state_dir, *warm,
                    *self.worker_options, *extra]
         return subprocess.Popen(command, preexec_fn=_die_with_parent)
 

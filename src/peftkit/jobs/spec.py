@@ -11,6 +11,10 @@
 - ``peftkit`` (the extension field): ``method`` (a ``peftkit train`` method section; default
   LoRA, rank chosen from the base's width), ``max_length``, ``processes`` (N training processes
   through ``torchrun``) and ``train`` (a few more ``train.*`` settings, :data:`TRAIN_KEYS`).
+
+The job's run keeps ``peftkit train``'s checkpoint (for resuming; every epoch, or
+``train.checkpoint_every`` steps, and every ``checkpoint_minutes``) and saves an adapter per
+epoch that the job lists as its checkpoints (``peftkit.jobs.checkpoints``).
 """
 
 from __future__ import annotations
@@ -146,8 +150,11 @@ def run_config(*, model_path: str, data_format: str, train_path: str, validation
     extra = dict(extension.get("train") or {})
     steps_per_epoch = max(1, math.ceil(examples / batch) // int(extra.get("grad_accum", 1)))
     steps = int(extra.get("max_steps") or max(1, round(steps_per_epoch * hp["n_epochs"])))
+    from peftkit.jobs.checkpoints import SPEC
+
+    listed = {"every": steps_per_epoch, "folder": os.path.join(os.path.dirname(output_dir), "checkpoints")}
     train = {"epochs": hp["n_epochs"], "batch_size": batch, "lr": BASE_LR * hp["learning_rate_multiplier"], "seed": seed,
-             "log_every": max(1, steps // 200), "checkpoint_every": steps_per_epoch, **extra}
+             "log_every": max(1, steps // 200), "checkpoint_every": steps_per_epoch, **extra, SPEC: listed}
     raw = {"task": task, "model": {"name": model_path, "max_length": max_length}, "data": data,
            "method": dict(extension.get("method") or default_method(model_path)), "train": train, "output_dir": output_dir}
     return raw, steps

@@ -172,6 +172,11 @@ class JobStore:
         with self.session() as s:
             return list(s.scalars(select(Job).where(Job.status == status).order_by(Job.seq)))
 
+    def recent_model_paths(self, count: int = 5) -> list[str]:
+        with self.session() as s:
+            paths = s.scalars(select(Job.model_path).order_by(Job.seq.desc()).limit(50))
+            return list(dict.fromkeys(paths))[:count]
+
     def set_validated(self, job_id: str, status: str, message: str, **fields: Any) -> bool:
         """``validating_files`` → ``queued`` or ``failed`` (a job cancelled meanwhile stays so)."""
         with self.session() as s:

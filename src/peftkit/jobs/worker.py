@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -141,18 +140,19 @@ class _Child:
 
 
 class _Watcher:
-    """Turns a run folder's ``metrics.jsonl`` rows into events and its checkpoints into
-    checkpoint records."""
+    """Turns a run folder's ``metrics.jsonl`` rows into events and the adapters saved per epoch
+    (``peftkit.jobs.checkpoints``) into checkpoint records."""
 
     def __init__(self, store: JobStore, job_id: str, run_dir: str, total_steps: int) -> None:
         self.store, self.job_id, self.run_dir, self.total = store, job_id, run_dir, total_steps
         self.offset = 0
-        self.checkpoint_seen: int | None = None
-        self.last: dict[str, Any] = {}
+        self.checkpoints_seen: set[str] = set()
+        self.train_loss: dict[int, float] = {}
+        self.last_eval: dict[str, Any] = {}
 
-    def poll(self) -> None:
+    def poll(self, final: bool = False) -> None:
         self._metrics()
-        self._checkpoint()
+        self._checkpoint(final)
 
     def _metrics(self) -> None:
         path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -176,41 +176,33 @@ class _Watcher:
             step = int(row.get("step", 0))
             if "loss" in row:
                 data = {"step": step, "train_loss": row["loss"], "total_steps": self.total, "learning_rate": row.get("lr")}
-                self.last.update(train_loss=row["loss"])
+                self.train_loss[step] = row["loss"]
                 rows.append(("train", step, f"Step {step}/{self.total}: training loss={row['loss']:.4f}", data))
             else:
                 values = {("valid_loss" if k == "eval_loss" else k): v for k, v in row.items() if k != "step"}
-                self.last.update(values)
+                self.last_eval = values
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, (int, float)))
                 rows.append(("eval", step, f"Step {step}/{self.total}: {shown}", {"step": step, "total_steps": self.total,
                                                                                    **values}))
         if rows:
             self.store.add_metrics(self.job_id, rows)
 
-    def _checkpoint(self) -> None:
-        path = os.path.join(self.run_dir, "checkpoint")
+    def _checkpoint(self, final: bool) -> None:
+        folder = os.path.join(os.path.dirname(self.run_dir), "checkpoints")
         try:
-            stamp = os.stat(os.path.join(path, "state.pt")).st_mtime_ns
+            names = os.listdir(folder)
         except OSError:
             return
-        if stamp == self.checkpoint_seen:
-            return
-        try:
-            import torch
-
-            step = int(torch.load(os.path.join(path, "state.pt"), weights_only=False, map_location="cpu")["state"]["step"])
-            target = os.path.join(os.path.dirname(self.run_dir), "checkpoints", f"step-{step}")
-            if not os.path.isdir(target):
-                tmp = target + ".tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                os.makedirs(tmp)
-                shutil.copy2(os.path.join(path, "trainable.safetensors"), tmp)
-                os.replace(tmp, target)
-        except Exception:  # the run was swapping its checkpoint in: read it at the next poll
-            return
-        self.checkpoint_seen = stamp
-        if step > 0:
-            self.store.add_checkpoint(self.job_id, step, {"step": step, **self.last}, target)
+        for name in names:
+            if not name.startswith("step-") or not name[5:].isdigit() or name in self.checkpoints_seen:
+                continue
+            step = int(name[5:])
+            if not final and (not self.train_loss or max(self.train_loss) < step):
+                continue  # the step's metrics row comes just after its adapter: record both together
+            logged = [s for s in self.train_loss if s <= step]
+            metrics = {"step": step, **({"train_loss": self.train_loss[max(logged)]} if logged else {}), **self.last_eval}
+            self.store.add_checkpoint(self.job_id, step, metrics, os.path.join(folder, name))
+            self.checkpoints_seen.add(name)
 
 
 class Worker:
@@ -221,11 +213,14 @@ class Worker:
             silent this long is taken over by another worker.
         poll_seconds: the wait between looks at the queue, and between looks at a running job
             (cancel and pause requests, new metrics).
+        warm: model folders whose model classes to import before the first job (the bases of
+            recent jobs are added).
     """
 
     def __init__(self, store: JobStore, *, name: str | None = None, lease_seconds: float = 30.0,
-                 poll_seconds: float = 0.5, log: Any = None) -> None:
+                 poll_seconds: float = 0.5, warm: list[str] | None = None, log: Any = None) -> None:
         self.store = store
+        self.warm = list(warm or [])
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.lease_seconds, self.poll_seconds = lease_seconds, poll_seconds
         self.stopping = False
@@ -238,6 +233,8 @@ class Worker:
         """Runs jobs until stopped (SIGTERM/SIGINT: the running job is checkpointed and handed
         back to the queue); returns the number of jobs run."""
         warm_up()
+        for path in dict.fromkeys(self.warm + self.store.recent_model_paths()):
+            warm_model(path)  # the first job of a base would otherwise wait for its model class to import
         done = 0
         self.log(f"waiting for jobs (lease {self.lease_seconds:g} s)")
         while not self.stopping and (max_jobs is None or done < max_jobs):
@@ -288,7 +285,7 @@ class Worker:
                     child.signal(signal.SIGTERM)
             watcher.poll()
             time.sleep(0.1)
-        watcher.poll()
+        watcher.poll(final=True)
         self._settle(claim, child.code, job_dir, asked)
 
     def _settle(self, claim: Claim, code: int | None, job_dir: str, asked: str | None) -> None:
