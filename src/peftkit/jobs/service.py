@@ -35,6 +35,9 @@ from peftkit.jobs.store import JobStore, NotFound
 __all__ = ["JobService", "RequestError"]
 
 _SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# peftkit.train's plug-in registries load lazily and are not thread-safe while they do: the
+# validation threads build configs one at a time
+_CONFIG_LOCK = threading.Lock()
 
 
 class RequestError(ValueError):
@@ -262,13 +265,14 @@ class JobService:
         from peftkit.train.schema import ConfigError
 
         task = raw["task"]["name"] if isinstance(raw["task"], dict) else raw["task"]
-        if task not in TASKS.names():
-            return self._fail(job_id, "method_not_available", f"method type {job.method['type']!r} trains with peftkit's "
-                              f"{task!r} task, which this installation does not have", "method.type")
-        try:
-            build_config(yaml.safe_load(yaml.safe_dump(raw)), job_dir)
-        except ConfigError as exc:
-            return self._fail(job_id, "invalid_config", str(exc), "peftkit")
+        with _CONFIG_LOCK:
+            if task not in TASKS.names():
+                return self._fail(job_id, "method_not_available", f"method type {job.method['type']!r} trains with "
+                                  f"peftkit's {task!r} task, which this installation does not have", "method.type")
+            try:
+                build_config(yaml.safe_load(yaml.safe_dump(raw)), job_dir)
+            except ConfigError as exc:
+                return self._fail(job_id, "invalid_config", str(exc), "peftkit")
         atomic_write_text(os.path.join(job_dir, CONFIG), yaml.safe_dump(raw, sort_keys=False))
         resolved = {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
         method = dict(job.method)
