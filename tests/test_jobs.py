@@ -386,3 +386,60 @@ def test_50_concurrent_creations_and_a_restart_keep_everything(backend, base_mod
     finally:
         server.stop()
         service.close()
+
+
+PREFERENCE_LINE = {"input": {"messages": [{"role": "user", "content": "tell me about the movie"}]},
+                   "preferred_output": [{"role": "assistant", "content": "it is great fun"}],
+                   "non_preferred_output": [{"role": "assistant", "content": "it is boring"}]}
+
+
+def test_file_formats_and_their_run_configs(tmp_path, base_model):
+    """Each OpenAI format is recognised and maps to its task and columns; every bad line is
+    named with its number."""
+    from peftkit.jobs.formats import check_file
+    from peftkit.jobs.spec import check_request, resolve_hyperparameters, run_config
+
+    path = tmp_path / "f.jsonl"
+    path.write_text(json.dumps({"prompt": "say hi", "completion": "hi"}) + "\n" + json.dumps({"prompt": "x"}) + "\n"
+                    + json.dumps({"messages": []}) + "\n[1]\n")
+    check = check_file(str(path))
+    assert check.format == "prompt_completion" and len(check.records) == 1
+    assert check.problems == [(2, "completion must be a string"),
+                              (3, "a chat example in a prompt_completion file: use one format per file"),
+                              (4, "a JSON object expected, got list")]
+    path.write_text(json.dumps(PREFERENCE_LINE) + "\n")
+    assert not check_file(str(path)).ok  # preference data without method dpo
+    assert check_file(str(path), "preference").records == [PREFERENCE_LINE]
+    hp, method, extension = check_request({"n_epochs": 2}, {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}, None)
+    hp = resolve_hyperparameters(hp, 16)
+    assert hp == {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0, "beta": 0.2}
+    raw, steps = run_config(model_path=base_model, data_format="preference", train_path="t.jsonl", validation_path=None,
+                            examples=16, hyperparameters=hp, method=method, extension=extension, seed=3,
+                            output_dir=str(tmp_path / "run"))
+    assert raw["task"] == {"name": "preference", "beta": 0.2} and steps == 16
+    assert raw["method"] == {"name": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0}  # the default for a narrow base
+    assert raw["model"]["max_length"] == 128  # the base's positions
+    raw, _ = run_config(model_path=base_model, data_format="prompt_completion", train_path="t.jsonl", validation_path=None,
+                        examples=16, hyperparameters=hp, method={"type": "supervised"}, extension={}, seed=3,
+                        output_dir=str(tmp_path / "run"))
+    assert raw["task"] == "causal_lm" and raw["data"]["response_column"] == "completion"
+    for bad, field in (({"n_epochs": 0}, "n_epochs"), ({"batch_size": 1.5}, "batch_size"), ({"lr": 1}, "lr")):
+        with pytest.raises(ValueError, match=field):
+            check_request(bad, None, None)
+
+
+def test_dpo_job_trains_with_the_preference_task(env):
+    from peftkit.train.plugins import TASKS
+
+    upload = env.a.files.create(file=("pref.jsonl", (json.dumps(PREFERENCE_LINE) + "\n").encode() * 8), purpose="fine-tune")
+    job = env.a.fine_tuning.jobs.create(model="tiny", training_file=upload.id, seed=1,
+                                        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1,
+                                                                                            "batch_size": 4}}},
+                                        extra_body={"peftkit": PEFTKIT})
+    done = wait_for(lambda: status_of(env, job.id, ("succeeded", "failed")), 60, "the DPO job")
+    if "preference" not in TASKS.names():
+        assert done.status == "failed" and done.error.code == "method_not_available", done.error
+        pytest.skip("peftkit train has no 'preference' task in this installation (it comes with the preference-tuning "
+                    "work); the DPO job fails at validation with method_not_available, as checked")
+    assert done.status == "succeeded", done.error
+    assert done.method.type == "dpo" and done.method.dpo.hyperparameters.beta == 0.2
