@@ -5,8 +5,26 @@ exposes the jobs API) and ``peftkit worker``; nothing in the library imports it.
 ``jobs`` extra. See docs/jobs.md.
 """
 
-from peftkit.jobs.service import JobService
-from peftkit.jobs.store import JobStore
-from peftkit.jobs.worker import Worker
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["JobService", "JobStore", "Worker"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: ``python -m peftkit.jobs.child`` (a job's training process) imports this package
+    # first, and needs none of the database or server modules
+    if name == "JobService":
+        from peftkit.jobs.service import JobService
+
+        return JobService
+    if name == "JobStore":
+        from peftkit.jobs.store import JobStore
+
+        return JobStore
+    if name == "Worker":
+        from peftkit.jobs.worker import Worker
+
+        return Worker
+    raise AttributeError(f"module 'peftkit.jobs' has no attribute {name!r}")
