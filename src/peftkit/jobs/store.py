@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from peftkit.jobs.db import Checkpoint, Event, File, Job, now
 
-__all__ = ["ACTIVE", "FINAL", "Claim", "JobStore", "NotFound", "new_id"]
+__all__ = ["ACTIVE", "FINAL", "Claim", "Conflict", "JobStore", "NotFound", "new_id"]
 
 FINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "running", "paused")
@@ -208,14 +208,13 @@ class JobStore:
         """A queued job is paused at once; a running one after its worker has saved a checkpoint."""
         job = self.get_job(owner, job_id)
         with self.session() as s:
-            if job.status not in ("queued", "running", "validating_files"):
+            if job.status not in ("queued", "running"):
                 raise Conflict(f"job {job_id} is {job.status}; only a queued or running job can be paused")
             stopped = s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(status="paused")).rowcount
             if stopped:
                 self._event(s, job_id, "Job paused", kind="status")
             else:
-                s.execute(update(Job).where(Job.id == job_id, Job.status.in_(("running", "validating_files")))
-                          .values(pause_requested=True))
+                s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(pause_requested=True))
                 self._event(s, job_id, "Pausing the job: it stops after saving a checkpoint", kind="request")
         return self.get_job(owner, job_id)
 
