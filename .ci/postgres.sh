@@ -4,13 +4,14 @@
 # PostgreSQL variants skip with a message.
 peftkit_pg_start() {
     local bin dir port run
-    bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
-    if [ -z "$bin" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    local lib=${PEFTKIT_PG_LIB:-/usr/lib/postgresql}
+    bin=$(ls -d "$lib"/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -z "$bin" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -z "${PEFTKIT_PG_NO_INSTALL:-}" ]; then
         echo "installing PostgreSQL (Debian package postgresql)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1 \
             || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
-        bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+        bin=$(ls -d "$lib"/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
     fi
     if [ -z "$bin" ]; then
         echo "no PostgreSQL found (and cannot install it): the PostgreSQL variants of the jobs tests will skip"
