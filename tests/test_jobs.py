@@ -207,6 +207,10 @@ def test_malformed_file_fails_at_validation_with_line_numbers(env):
     messages = [e.message for e in all_events(env.a, job.id)]
     assert messages[0].startswith("Validating training file") and messages[-1].startswith("The job failed validation")
     assert "Fine-tuning job started" not in messages
+    assert env.a.files.delete(bad.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        env.a.files.retrieve(bad.id)
+    assert bad.id not in [f.id for f in env.a.files.list()]
 
 
 def test_api_keys_and_scoping(env):
