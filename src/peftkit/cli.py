@@ -288,6 +288,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    # before torch loads: a check for a GPU then makes no CUDA context, so training children can be forked
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     from peftkit.jobs.db import default_url, open_database
     from peftkit.jobs.store import JobStore
     from peftkit.jobs.worker import Worker, install_stop_signals

@@ -5,10 +5,12 @@ job at once (SIGKILL to the child's process group, whatever it is doing), a paus
 with a checkpoint (SIGTERM: ``peftkit train`` saves one and exits), a crashed or killed
 training leaves the worker alive, and memory is returned after every job. The worker imports
 the training modules once and forks the child, so a job starts without paying the imports; a
-job of N processes goes through ``torch.distributed.run`` instead. Children die with their
-worker (Linux ``PR_SET_PDEATHSIG``): a worker killed with ``kill -9`` leaves no training behind,
-and its job is taken over, from the last checkpoint, by the next worker to find its lease
-expired.
+job of N processes goes through ``torch.distributed.run`` instead (and a job goes through
+``python -m peftkit.jobs.child`` when this process holds a CUDA context, which a fork cannot
+use; ``peftkit worker`` sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that checking for a GPU
+creates none). Children die with their worker (Linux ``PR_SET_PDEATHSIG``): a worker killed
+with ``kill -9`` leaves no training behind, and its job is taken over, from the last
+checkpoint, by the next worker to find its lease expired.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def _die_with_parent() -> None:
         pass
 
 
+def _cuda_initialized() -> bool:
+    """Whether this process has a CUDA context, which a forked child could not use (the job is
+    then launched as a fresh process instead)."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
 def warm_up() -> None:
     """Imports what every training child needs, once, before the first fork."""
     import matplotlib
@@ -72,7 +81,7 @@ class _Child:
 
     def __init__(self, job_dir: str, processes: int) -> None:
         log = open(os.path.join(job_dir, "train.log"), "ab")
-        if processes == 1 and hasattr(os, "fork"):
+        if processes == 1 and hasattr(os, "fork") and not _cuda_initialized():
             self.proc = None
             pid = os.fork()
             if pid == 0:  # the child: never returns
