@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,6 +247,16 @@ def test_a_checkpoint_left_half_swapped_is_recovered(workspace, tmp_path):
     # a save killed between its two renames leaves checkpoint.old and no checkpoint/
     os.replace(tmp_path / "run" / "checkpoint", tmp_path / "run" / "checkpoint.old")
     summary = run_training(build_config(raw), resume=True, quiet=True)
+    assert summary["steps"] == 12 and not (tmp_path / "run" / "checkpoint.old").exists()
+
+
+def test_a_checkpoint_save_killed_before_removing_the_old_one_is_recovered(workspace, tmp_path):
+    raw = _config(workspace, tmp_path / "run", epochs=2, checkpoint_every=2)
+    with _stop_at("loss", 6):
+        run_training(build_config(raw), quiet=True)
+    # a save killed after both renames, before it removed checkpoint.old: both folders remain
+    shutil.copytree(tmp_path / "run" / "checkpoint", tmp_path / "run" / "checkpoint.old")
+    summary = run_training(build_config(raw), resume=True, quiet=True)  # its saves replace checkpoint/ again
     assert summary["steps"] == 12 and not (tmp_path / "run" / "checkpoint.old").exists()
 
 

@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: train, eval, predict, merge, convert, inspect, methods."""
+"""The ``peftkit`` command: train, eval, predict, merge, convert, inspect, methods, worker."""
 
 from __future__ import annotations
 
@@ -287,6 +287,25 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    # before torch loads: a check for a GPU then makes no CUDA context, so training children can be forked
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    from peftkit.jobs.db import default_url, open_database
+    from peftkit.jobs.store import JobStore
+    from peftkit.jobs.worker import Worker, install_stop_signals
+
+    try:
+        engine = open_database(args.db or default_url(args.state))
+    except ValueError as exc:
+        print(f"peftkit worker: error: {exc}", file=sys.stderr)
+        return 2
+    worker = Worker(JobStore(engine, args.state), name=args.name, lease_seconds=args.lease_seconds,
+                    poll_seconds=args.poll_seconds, warm=args.warm)
+    install_stop_signals(worker)
+    worker.run(max_jobs=args.max_jobs)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from peftkit.core.registry import all_methods
 
@@ -375,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-ood")
     p.add_argument("--save", type=float)
     p.set_defaults(func=cmd_interpolate)
+    p = sub.add_parser("worker", help="run fine-tuning jobs from a jobs database (docs/jobs.md)")
+    p.add_argument("--db", help="sqlite:///PATH or postgresql://USER@HOST/DB (default: the state folder's SQLite file)")
+    p.add_argument("--state", default="peftkit-state", help="the state folder the server uses (shared between machines)")
+    p.add_argument("--name", help="this worker's name in job events (default host:pid)")
+    p.add_argument("--lease-seconds", type=float, default=30.0, help="a silent worker's job is taken over after this long")
+    p.add_argument("--poll-seconds", type=float, default=0.5)
+    p.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    p.add_argument("--warm", action="append", default=[], metavar="MODEL_DIR",
+                   help="a base model folder to prepare before the first job (repeatable)")
+    p.set_defaults(func=cmd_worker)
     p = sub.add_parser("methods", help="list the methods")
     p.add_argument("--presets", action="store_true", help="also list each method's presets for peftkit compare")
     p.set_defaults(func=cmd_methods)

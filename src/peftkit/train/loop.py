@@ -572,6 +572,7 @@ def _write_checkpoint(run: Run) -> None:
         torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": run.rng,
                     "state": dataclasses.asdict(run.state), "config": run.cfg.to_dict()}, os.path.join(tmp, "state.pt"))
         if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)  # left by a save killed (kill -9) before it removed it
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
