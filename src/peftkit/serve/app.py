@@ -58,6 +58,9 @@ class Server:
         self.metrics = engine.metrics
         self.api_keys = {key_owner(k): k for k in api_keys}
         self.created = int(time.time())
+        # What else runs with the server (the jobs service): started after the engine, stopped before it.
+        self.on_start: list[Callable[[], None]] = []
+        self.on_stop: list[Callable[[], None]] = []
 
     # -- models ----------------------------------------------------------------------
     def resolve(self, model: str) -> str | None:
@@ -172,10 +175,15 @@ def create_app(server: Server, extensions: Sequence[Callable[[FastAPI, Server], 
     @asynccontextmanager
     async def lifespan(_app):
         server.engine.start()
+        for start in server.on_start:
+            start()
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, server.engine.stop)
+            loop = asyncio.get_running_loop()
+            for stop in server.on_stop:
+                await loop.run_in_executor(None, stop)
+            await loop.run_in_executor(None, server.engine.stop)
 
     app = FastAPI(title="peftkit serve", lifespan=lifespan)
     app.state.server = server

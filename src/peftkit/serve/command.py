@@ -23,6 +23,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting to start before 429 (default 256)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    jobs = p.add_argument_group("fine-tuning jobs (OpenAI's /v1/files and /v1/fine_tuning/jobs; needs the jobs extra)")
+    jobs.add_argument("--jobs", action="store_true", help="serve the fine-tuning jobs API; fine-tuned models are served at once")
+    jobs.add_argument("--state", default="peftkit-state", help="files, job folders and the SQLite database (default ./peftkit-state)")
+    jobs.add_argument("--db", help="the jobs database URL (default: SQLite in --state; postgresql://USER@HOST/DB to share it)")
+    jobs.add_argument("--workers", type=int, default=1,
+                      help="worker processes this server starts (default 1; 0 when `peftkit worker`s run elsewhere)")
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -63,6 +69,32 @@ def build_server(args: argparse.Namespace):
     return server
 
 
+def _jobs_extension(server, args: argparse.Namespace):
+    """The jobs service on this server's base: its routes, and every fine-tuned model served
+    (under ``ft:<base>:<suffix>:<job id>``) as soon as its job succeeds."""
+    try:
+        from peftkit.jobs.service import JobService
+        from peftkit.serve.jobs_routes import jobs_router
+    except ImportError as exc:
+        raise ImportError(f"{exc.name} is missing; install the jobs extra: pip install 'peftkit[jobs]'") from exc
+    served = server.served
+    if served.kind != "generate":
+        raise ValueError(f"fine-tuning jobs train causal language models; {served.model_id!r} is not one")
+
+    def ready(model_id: str, adapter_dir: str, _base_id: str) -> None:
+        if model_id not in server.engine.pool.known:
+            server.add_adapter(model_id, adapter_dir)
+
+    service = JobService({served.model_id: served.path}, state_dir=args.state, db_url=args.db,
+                         on_model_ready=ready, workers=args.workers)
+    server.on_start.append(service.start)
+    server.on_stop.append(service.close)
+
+    def extend(app, _server) -> None:
+        app.include_router(jobs_router(service, app.state.owner_dependency))
+    return extend
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -79,7 +111,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, APIError) as exc:
         print(f"peftkit serve: error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    app = create_app(server)
+    extensions = []
+    if args.jobs:
+        try:
+            extensions.append(_jobs_extension(server, args))
+        except (ImportError, ValueError) as exc:
+            print(f"peftkit serve: error: --jobs: {exc}", file=sys.stderr)
+            return 2
+    app = create_app(server, extensions)
     print(f"peftkit serve: {server.served.model_id} ({server.served.kind}) with adapters "
           f"{sorted(server.engine.pool.known) or 'none'} on http://{args.host}:{args.port}/v1", flush=True)
     # uvicorn finishes the open requests on SIGTERM/SIGINT, then re-raises the signal to the

@@ -22,6 +22,7 @@ class Served:
     kind: str  # "generate" (causal LM), "classify" (a classifier) or "embed" (an encoder)
     adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter folder
     labels: list[str] | None = None
+    path: str | None = None  # where the base loads from (a folder or a hub id), for training jobs on it
 
 
 def _is_run(path: str) -> bool:
@@ -69,7 +70,7 @@ def load_base(base: str, dtype: str = "auto") -> Served:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model_id = base if base.lower() in MODEL_ALIASES or not os.path.isdir(base) else os.path.basename(os.path.normpath(base))
     labels = _labels(model)
-    return Served(model_id, model, tokenizer, _kind(model), labels=labels)
+    return Served(model_id, model, tokenizer, _kind(model), labels=labels, path=str(path))
 
 
 def _labels(model: Any) -> list[str] | None:
@@ -78,6 +79,7 @@ def _labels(model: Any) -> list[str] | None:
 
 
 def _load_run(run_dir: str, dtype: str) -> Served:
+    from peftkit.train.modeling import resolve_model_path
     from peftkit.train.run import prepare_run
 
     prepared = prepare_run(run_dir)
@@ -90,4 +92,5 @@ def _load_run(run_dir: str, dtype: str) -> Served:
     labels = prepared.labels
     return Served(model_id, model, prepared.processor, _kind(model),
                   adapters={name: os.path.join(run_dir, "adapter")},
-                  labels=[str(x) for x in labels] if labels else _labels(model))
+                  labels=[str(x) for x in labels] if labels else _labels(model),
+                  path=str(resolve_model_path(base_name)))
