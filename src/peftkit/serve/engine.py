@@ -80,6 +80,23 @@ class _Choice:
         self.cached = 0  # tokens held in this sequence's key/value cache
 
 
+PREFILL_TOKENS = 8192  # padded prompt tokens run together at most (bounds the prefill's activations)
+
+
+def _chunks(requests: list[GenerationRequest], budget: int) -> list[list[GenerationRequest]]:
+    """Consecutive groups whose padded size (rows × longest prompt) stays within ``budget``
+    (a longer prompt alone goes in a group of its own)."""
+    groups: list[list[GenerationRequest]] = []
+    for request in requests:
+        group = groups[-1] if groups else None
+        if group is not None and (len(group) + 1) * max(len(request.prompt_ids),
+                                                        *(len(r.prompt_ids) for r in group)) <= budget:
+            group.append(request)
+        else:
+            groups.append([request])
+    return groups
+
+
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     if n == 0:
         return t
@@ -218,8 +235,9 @@ class GenerationEngine:
             self._keep([i for i, c in enumerate(self._running) if not c.request.cancelled])
 
     def _admit(self) -> None:
-        """Starts waiting requests while there are free slots and their adapter can be resident."""
-        started: list[tuple[_Choice, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        """Starts waiting requests while there are free slots and their adapter can be resident;
+        their prompts run together, in chunks of at most ``PREFILL_TOKENS`` padded tokens."""
+        admitted: list[GenerationRequest] = []
         free = self.max_batch_size - len(self._running)
         with self._cv:
             candidates = list(self._waiting)
@@ -229,7 +247,7 @@ class GenerationEngine:
                 continue
             if request.params.n > free:
                 continue
-            self._end_rows()  # a prefill and perhaps an adapter load come next
+            self._end_rows()  # prefills and perhaps an adapter load come next
             try:
                 if not self.pool.acquire(request.adapter):
                     continue  # every resident adapter is in use; wait for one to free
@@ -238,17 +256,18 @@ class GenerationEngine:
                 request.emit(("error", exc))
                 continue
             self._dequeue(request)
+            admitted.append(request)
+            free -= request.params.n
+        started: list[tuple[_Choice, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        for chunk in _chunks(admitted, PREFILL_TOKENS):
             try:
-                joined = self._prefill(request)
+                started.extend(self._prefill(chunk))
             except Exception as exc:
-                self.pool.release(request.adapter)
-                request.emit(("error", exc if isinstance(exc, APIError) else
-                              APIError(500, f"prefill failed: {type(exc).__name__}: {exc}")))
-                continue
-            if not joined:
-                self.pool.release(request.adapter)
-            started.extend(joined)
-            free -= len(joined)
+                error = exc if isinstance(exc, APIError) else APIError(
+                    500, f"prefill failed: {type(exc).__name__}: {exc}")
+                for request in chunk:
+                    self.pool.release(request.adapter)
+                    request.emit(("error", error))
         if started:
             self._join(started)
 
@@ -294,17 +313,33 @@ class GenerationEngine:
         cache = out.get("cache") if "cache" in out else out.past_key_values
         return out.logits[:, -1, :], cache
 
-    def _prefill(self, request: GenerationRequest) -> list[tuple[_Choice, list]]:
-        ids = torch.tensor([request.prompt_ids])
-        logits, cache = self._forward([request.adapter], input_ids=ids, attention_mask=torch.ones_like(ids))
-        self.metrics.prompt_tokens.labels(model=request.adapter or "base").inc(len(request.prompt_ids))
+    def _prefill(self, requests: list[GenerationRequest]) -> list[tuple[_Choice, list]]:
+        """Runs the prompts in one forward pass (left-padded, each row with its adapter), samples
+        each choice's first token, and returns the choices still going with their caches."""
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.zeros(len(requests), width, dtype=torch.long)
+        mask = torch.zeros(len(requests), width, dtype=torch.long)
+        for row, request in enumerate(requests):
+            ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
+            mask[row, width - len(request.prompt_ids):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits, cache = self._forward([r.adapter for r in requests], input_ids=ids, attention_mask=mask,
+                                      position_ids=positions)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         joined = []
-        for index in range(request.params.n):
-            choice = _Choice(request, index)
-            choice.cached = len(request.prompt_ids)
-            if not self._append(choice, next_token(logits[0], request.params, choice.generator)):
-                joined.append((choice, layers))
+        for row, request in enumerate(requests):
+            length = len(request.prompt_ids)
+            self.metrics.prompt_tokens.labels(model=request.adapter or "base").inc(length)
+            own = [(k[row:row + 1, :, width - length:], v[row:row + 1, :, width - length:]) for k, v in layers]
+            going = 0
+            for index in range(request.params.n):
+                choice = _Choice(request, index)
+                choice.cached = length
+                if not self._append(choice, next_token(logits[row], request.params, choice.generator)):
+                    joined.append((choice, own))
+                    going += 1
+            if not going:
+                self.pool.release(request.adapter)
         return joined
 
     def _join(self, new: list[tuple[_Choice, list[tuple[torch.Tensor, torch.Tensor]]]]) -> None:
