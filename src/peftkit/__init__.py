@@ -31,6 +31,23 @@ from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, Prom
 from peftkit.methods.sparse import SparseConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
+from peftkit.task_models import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from peftkit.core.state import LoadResult
 from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model, save_quantized
 
 # The version is written once, in pyproject.toml; an install (editable too) records it.
@@ -42,6 +59,24 @@ except _metadata.PackageNotFoundError:  # a source tree put on sys.path, never i
 __all__ = [
     "AdaLoraConfig",
     "AdapterStateError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "LoadResult",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
     "BitFitConfig",
     "BottleneckConfig",
     "FullFineTuningConfig",

@@ -55,7 +55,6 @@ _SILENT_FOREIGN_KEYS = frozenset(
     {
         "peft_version",
         "auto_mapping",
-        "revision",
         "megatron_core",
         "qalora_group_size",
         "runtime_config",
@@ -98,6 +97,7 @@ class PeftConfig:
             classification tasks the new head is trained in full and saved with the adapter.
         base_model_name_or_path: recorded in the file so users know what it adapts.
         inference_mode: when True the adapter's parameters are frozen.
+        revision: the base model's hub revision, as recorded by PEFT.
     """
 
     peft_type: ClassVar[str] = ""
@@ -105,6 +105,7 @@ class PeftConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
+    revision: str | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PeftConfig:
         # The dataclass __init__ of each subclass would only say "unexpected keyword
