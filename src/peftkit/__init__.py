@@ -12,7 +12,8 @@ import importlib.metadata as _metadata
 from peftkit.analysis import RelevanceReport, interpolate, relevance_scores
 from peftkit.core.config import PeftConfig, PeftType, TargetedConfig, TaskType
 from peftkit.core.registry import Method, get_method, list_methods, register_method
-from peftkit.core.state import AdapterStateError, get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.core.state import AdapterStateError, LoadResult, get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftkit.core.targeting import TargetError
 from peftkit.lm_loss import chunked_causal_lm_loss
 from peftkit.methods.adalora import AdaLoraConfig
@@ -31,6 +32,7 @@ from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, Prom
 from peftkit.methods.sparse import SparseConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.peft_model import PeftModel, get_peft_model, inject_adapter_in_model
+from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model, save_quantized
 from peftkit.task_models import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -46,9 +48,6 @@ from peftkit.task_models import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-from peftkit.core.state import LoadResult
-from peftkit.quantization import memory_report, prepare_model_for_kbit_training, quantize_model, save_quantized
 
 # The version is written once, in pyproject.toml; an install (editable too) records it.
 try:
@@ -66,17 +65,6 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
-    "LoadResult",
-    "PeftModelForCausalLM",
-    "PeftModelForFeatureExtraction",
-    "PeftModelForQuestionAnswering",
-    "PeftModelForSeq2SeqLM",
-    "PeftModelForSequenceClassification",
-    "PeftModelForTokenClassification",
-    "TunerLayerStatus",
-    "TunerModelStatus",
-    "get_layer_status",
-    "get_model_status",
     "BitFitConfig",
     "BottleneckConfig",
     "FullFineTuningConfig",
@@ -86,11 +74,18 @@ __all__ = [
     "LayerwiseConfig",
     "LoHaConfig",
     "LoKrConfig",
+    "LoadResult",
     "LoraConfig",
     "Method",
     "OFTConfig",
     "PeftConfig",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
     "PeftType",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
@@ -101,10 +96,14 @@ __all__ = [
     "TargetError",
     "TargetedConfig",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "VeraConfig",
     "chunked_causal_lm_loss",
     "convert_to_lora",
+    "get_layer_status",
     "get_method",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",

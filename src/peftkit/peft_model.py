@@ -17,6 +17,7 @@ from torch import nn
 
 from peftkit.core import tuner
 from peftkit.core.config import PeftConfig
+from peftkit.core.inplace import InPlaceAdapter
 from peftkit.core.io import (
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
@@ -27,14 +28,13 @@ from peftkit.core.io import (
     resolve_adapter_dir,
     save_tensors,
 )
-from peftkit.core.inplace import InPlaceAdapter
 from peftkit.core.layer import adapter_layers, per_example_adapters
 from peftkit.core.model_adapter import ModelAdapter
 from peftkit.core.modules_to_save import ModulesToSaveWrapper
 from peftkit.core.param_copy import ParameterCopyLayer
 from peftkit.core.registry import method_for_config
-from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftkit.core.state import LoadResult, get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftkit.core.tuner import AdaptedModel
 from peftkit.integrations.hub import push_adapters_to_hub
 from peftkit.integrations.transformers import enable_input_require_grads, install_trainer_hook

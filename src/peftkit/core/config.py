@@ -167,9 +167,49 @@ class PeftConfig:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         atomic_write_text(os.path.join(directory, CONFIG_NAME), text + "\n")
 
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for methods that learn virtual tokens (PEFT's flag; the Trainer reads it)."""
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> PeftConfig:
-        """Reads ``adapter_config.json`` from an adapter folder."""
+    def from_json_file(cls, path_json_file: str | os.PathLike) -> dict[str, Any]:
+        """The dict stored in a config JSON file (as PEFT's ``from_json_file``)."""
+        return _read_json_object(os.fspath(path_json_file))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfig:
+        """Reads ``adapter_config.json`` from an adapter folder (or a hub id), as the
+        config class of the method it names.
+
+        Args:
+            subfolder: the adapter's subfolder.
+            kwargs: config fields that override the file's (as in PEFT); hub-download
+                options (``revision``, ``token``, ``cache_dir``...) are accepted.
+        """
+        from peftkit.core.io import resolve_adapter_dir
+
+        hub_options = {"revision", "token", "cache_dir", "force_download", "local_files_only", "repo_type", "use_auth_token"}
+        overrides = {k: v for k, v in kwargs.items() if k not in hub_options}
+        if subfolder is not None or not os.path.isdir(directory):
+            directory = resolve_adapter_dir(directory, subfolder)
+        config = cls._from_folder(directory)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise TypeError(_unknown_fields_message(type(config), [key]))
+            setattr(config, key, value)
+        if overrides:
+            config.__post_init__()
+        return config
+
+    @classmethod
+    def _from_folder(cls, directory: str | os.PathLike) -> PeftConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(
