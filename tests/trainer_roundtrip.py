@@ -25,7 +25,6 @@ class _Data(torch.utils.data.Dataset):
 
 def _model():
     from models import tiny_bert
-
     from peftkit import LoraConfig, get_peft_model
 
     torch.manual_seed(0)

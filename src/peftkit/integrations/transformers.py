@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 __all__ = [
+    "all_linear_exclusions",
     "auto_model_class",
     "enable_input_require_grads",
     "install_trainer_hook",
@@ -60,6 +61,20 @@ def output_head_names(model: nn.Module) -> list[str]:
     if not names and not hasattr(model, "config") and linear_names:
         names.append(linear_names[-1])
     return names
+
+
+def all_linear_exclusions(model: nn.Module) -> list[str]:
+    """What ``"all-linear"`` leaves out, as Hugging Face PEFT does: the output embeddings (LM
+    head) of a transformers model; nothing of a plain module. (A task's head is left out as
+    a ``modules_to_save`` module when ``task_type`` names the task.)"""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not callable(get_out) or not hasattr(model, "config"):
+        return []
+    try:
+        head = get_out()
+    except (NotImplementedError, AttributeError):
+        return []
+    return [name for name, module in model.named_modules() if head is not None and module is head][:1]
 
 
 # The transformers Auto class that builds the model of an adapter's task_type.
@@ -147,6 +162,8 @@ def teach_trainer() -> bool:
         _is_peft_model._peftkit_taught = True  # type: ignore[attr-defined]
         module._is_peft_model = _is_peft_model  # type: ignore[attr-defined]
     trainer = sys.modules.get("transformers.trainer")
+    if trainer is not None and not hasattr(trainer, "Trainer"):
+        trainer = None  # still being imported (its imports load trainer_utils); taught once it is done
     if trainer is not None and not getattr(trainer, "_peftkit_taught", False):
         # `_save` keeps `(PreTrainedModel, PeftModel)` when peft is available; peftkit's class
         # joins that tuple (isinstance accepts nested tuples).
