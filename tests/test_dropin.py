@@ -344,3 +344,23 @@ def test_modules_to_save_accept_keyword_only_calls():
     model = get_peft_model(KeywordHead(), LoraConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
     model(torch.randn(2, 4)).sum().backward()
     assert model.base_model.model.head.modules_to_save["default"].weight.grad is not None
+
+
+def test_deep_names_of_the_porting_guide():
+    """The classes ported code checks with isinstance, and peft.utils' helpers."""
+    from peftkit import utils
+
+    model = _mlp_lora(modules_to_save=["head"])
+    inner = model.get_base_model()
+    assert isinstance(model.base_model, peftkit.BaseTuner)
+    assert isinstance(inner.lin0, peftkit.LoraLayer) and isinstance(inner.lin0, peftkit.BaseTunerLayer)
+    assert isinstance(inner.head, utils.ModulesToSaveWrapper)
+    parent, target, name = utils._get_submodules(inner, "lin0")
+    assert parent is inner and target is inner.lin0 and name == "lin0"
+    if torch.cuda.is_available():
+        assert utils.infer_device() == "cuda"
+    elif not torch.backends.mps.is_available():
+        assert utils.infer_device() in ("cpu", "xpu", "npu", "mlu")
+    assert utils.get_peft_model_state_dict is get_peft_model_state_dict
+    with pytest.raises(AttributeError):
+        utils._get_submodules(inner, "lin9")

@@ -11,10 +11,13 @@ import importlib.metadata as _metadata
 
 from peftkit.analysis import RelevanceReport, interpolate, relevance_scores
 from peftkit.core.config import PeftConfig, PeftType, TargetedConfig, TaskType
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.modules_to_save import ModulesToSaveWrapper
 from peftkit.core.registry import Method, get_method, list_methods, register_method
 from peftkit.core.state import AdapterStateError, LoadResult, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftkit.core.targeting import TargetError
+from peftkit.core.tuner import AdaptedModel
 from peftkit.lm_loss import chunked_causal_lm_loss
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.bitfit import BitFitConfig
@@ -25,7 +28,7 @@ from peftkit.methods.layernorm import LNTuningConfig
 from peftkit.methods.layerwise import GradualUnfreezer, LayerwiseConfig, layerwise_param_groups
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
-from peftkit.methods.lora import LoraConfig, convert_to_lora
+from peftkit.methods.lora import LoraConfig, LoraLayer, convert_to_lora
 from peftkit.methods.lora.adaptive import RankAllocator
 from peftkit.methods.oft import OFTConfig
 from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
@@ -49,6 +52,10 @@ from peftkit.task_models import (
     PeftModelForTokenClassification,
 )
 
+# PEFT's names for the classes ported code checks with isinstance (docs/porting.md).
+BaseTunerLayer = AdapterLayer
+BaseTuner = AdaptedModel
+
 # The version is written once, in pyproject.toml; an install (editable too) records it.
 try:
     __version__ = _metadata.version("peftkit")
@@ -57,6 +64,8 @@ except _metadata.PackageNotFoundError:  # a source tree put on sys.path, never i
 
 __all__ = [
     "AdaLoraConfig",
+    "AdaptedModel",
+    "AdapterLayer",
     "AdapterStateError",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
@@ -65,6 +74,8 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "BaseTuner",
+    "BaseTunerLayer",
     "BitFitConfig",
     "BottleneckConfig",
     "FullFineTuningConfig",
@@ -76,7 +87,9 @@ __all__ = [
     "LoKrConfig",
     "LoadResult",
     "LoraConfig",
+    "LoraLayer",
     "Method",
+    "ModulesToSaveWrapper",
     "OFTConfig",
     "PeftConfig",
     "PeftModel",
