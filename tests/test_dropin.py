@@ -364,3 +364,20 @@ def test_deep_names_of_the_porting_guide():
     assert utils.get_peft_model_state_dict is get_peft_model_state_dict
     with pytest.raises(AttributeError):
         utils._get_submodules(inner, "lin9")
+
+
+def test_copies_and_pickles_keep_the_tuner_object_bound_to_its_own_model():
+    import copy
+    import io
+
+    model = _mlp_lora()
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["lin0"]))
+    clone = copy.deepcopy(model)
+    clone.base_model.set_adapter("b")
+    assert clone.active_adapters == ["b"] and model.active_adapters == ["default"]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    restored.base_model.set_adapter("b")
+    assert restored.active_adapters == ["b"] and model.active_adapters == ["default"]

@@ -91,6 +91,10 @@ class PeftModel(nn.Module):
             enable_input_require_grads(model)
         _adopt_forward_signature(self)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:  # pickle and copy.deepcopy
+        super().__setstate__(state)
+        self.base_model.__dict__["_owner"] = weakref.ref(self)
+
     # -- pass-through ---------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         try:

@@ -46,6 +46,11 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_owner", None)  # a weak reference; the PeftModel sets it again (pickle, deepcopy)
+        return state
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

@@ -150,6 +150,10 @@ def teach_trainer() -> bool:
     if "transformers.trainer_utils" not in sys.modules:
         return False
     peftkit_model = _peftkit_model_class()
+    utils = sys.modules["transformers.trainer_utils"]
+    if getattr(utils, "_is_peft_model", None) is None and hasattr(utils, "TrainOutput"):
+        _warn_not_taught()
+        return False
     for module_name in _TRAINER_MODULES:
         module = sys.modules.get(module_name)
         original = getattr(module, "_is_peft_model", None) if module is not None else None
@@ -172,6 +176,24 @@ def teach_trainer() -> bool:
         trainer.is_peft_available = lambda: True
         trainer._peftkit_taught = True
     return trainer is not None
+
+
+_WARNED: list[bool] = []
+
+
+def _warn_not_taught() -> None:
+    if _WARNED:
+        return
+    _WARNED.append(True)
+    import warnings
+
+    warnings.warn(
+        "this transformers version has no trainer_utils._is_peft_model, so peftkit cannot teach its Trainer that a "
+        "peftkit PeftModel holds adapters: Trainer.save_model() and checkpoints would hold the whole model. Save the "
+        "adapter with model.save_pretrained(folder) (e.g. from a TrainerCallback's on_save)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class _TeachOnImport:
