@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import types
 import warnings
@@ -37,7 +38,7 @@ from peftkit.core.state import LoadResult, get_peft_model_state_dict, set_peft_m
 from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftkit.core.tuner import AdaptedModel
 from peftkit.integrations.hub import push_adapters_to_hub
-from peftkit.integrations.transformers import enable_input_require_grads, install_trainer_hook
+from peftkit.integrations.transformers import enable_input_require_grads, install_trainer_hook, teach_trainer
 
 __all__ = ["PeftModel", "get_peft_model", "inject_adapter_in_model"]
 
@@ -77,6 +78,7 @@ class PeftModel(nn.Module):
                 where the base weights are either way.
         """
         _refuse_unknown_kwargs(type(self).__name__, kwargs)
+        teach_trainer()  # cheap when done already; covers a trainer the import hook did not see
         super().__init__()
         self.base_model = AdaptedModel(model)
         self.base_model.__dict__["_owner"] = weakref.ref(self)  # not a submodule: no cycle in the module tree
@@ -670,9 +672,12 @@ def _numel(p: torch.Tensor) -> int:
 def _model_card(config: PeftConfig, state: dict[str, torch.Tensor]) -> str:
     n = sum(t.numel() for t in state.values())
     base = config.base_model_name_or_path or "(not recorded)"
+    # The folder is in PEFT's format and tools that read the card look for this name.
+    header = "---\nlibrary_name: peft\n"
+    if config.base_model_name_or_path:
+        header += f"base_model: {json.dumps(config.base_model_name_or_path)}\n"
     return (
-        # The folder is in PEFT's format and tools that read the card look for this name.
-        f"---\nlibrary_name: peft\nbase_model: {base}\ntags:\n- peftkit\n- " + type(config).peft_type.lower() + "\n---\n\n"
+        header + "tags:\n- peftkit\n- " + type(config).peft_type.lower() + "\n---\n\n"
         f"# {type(config).peft_type} adapter\n\nWritten by peftkit in Hugging Face PEFT's adapter format.\n\n"
         f"- base model: `{base}`\n- task type: `{config.task_type}`\n- parameters: {n:,d} in {len(state)} tensors\n\n"
         "Load with `peftkit.PeftModel.from_pretrained(base_model, path)` "
