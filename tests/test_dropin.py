@@ -381,3 +381,26 @@ def test_copies_and_pickles_keep_the_tuner_object_bound_to_its_own_model():
     restored = torch.load(buffer, weights_only=False)
     restored.base_model.set_adapter("b")
     assert restored.active_adapters == ["b"] and model.active_adapters == ["default"]
+
+
+def test_from_pretrained_picks_the_task_class_and_maps_keys(tmp_path):
+    model = get_peft_model(MLP(), LoraConfig(r=2, target_modules=["lin0"], task_type="CAUSAL_LM",
+                                             init_lora_weights=False), revision="v1")
+    assert model.peft_config["default"].revision == "v1"
+    model.save_pretrained(tmp_path)
+    assert type(PeftModel.from_pretrained(MLP(), tmp_path)) is PeftModelForCausalLM
+
+    class Renamed(MLP):  # the same layers under another name
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = self.lin0
+            del self.lin0
+
+        def forward(self, x):
+            return self.head(self.relu(self.lin1(self.relu(self.first(self.emb(x).mean(1))))))
+
+    config = PeftConfig.from_pretrained(tmp_path)
+    config.target_modules = ["first"]
+    loaded = PeftModel.from_pretrained(Renamed(), tmp_path, config=config, key_mapping={r"^lin0\.": "first."})
+    assert torch.equal(loaded.base_model.model.first.lora_B["default"].weight,
+                       model.base_model.model.lin0.lora_B["default"].weight)
