@@ -18,7 +18,6 @@ from torch import nn
 
 from peftkit.core import tuner
 from peftkit.core.config import PeftConfig
-from peftkit.core.inplace import InPlaceAdapter
 from peftkit.core.io import (
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
@@ -32,7 +31,7 @@ from peftkit.core.io import (
 from peftkit.core.layer import adapter_layers, per_example_adapters
 from peftkit.core.model_adapter import ModelAdapter
 from peftkit.core.modules_to_save import ModulesToSaveWrapper
-from peftkit.core.param_copy import ParameterCopyLayer
+from peftkit.core.peft_compat import apply_key_mapping, cast_adapter_dtype, modules_addressed, targeted_module_names
 from peftkit.core.registry import method_for_config
 from peftkit.core.state import LoadResult, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -134,7 +133,7 @@ class PeftModel(nn.Module):
     @property
     def targeted_module_names(self) -> list[str]:
         """Names (in the wrapped model) of the modules that carry an adapter, as PEFT lists them."""
-        return _targeted_module_names(self._model)
+        return targeted_module_names(self._model)
 
     def add_adapter(
         self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True
@@ -170,7 +169,7 @@ class PeftModel(nn.Module):
         create_model_adapter = method_for_config(peft_config).create_model_adapter
         model_adapter = create_model_adapter(self._model, peft_config, adapter_name) if create_model_adapter else None
         tuner.inject_adapter(self._model, peft_config, adapter_name)
-        _cast_adapter_dtype(self._model, adapter_name, autocast_adapter_dtype)
+        cast_adapter_dtype(self._model, adapter_name, autocast_adapter_dtype)
         if model_adapter is not None:
             self.model_adapters[adapter_name] = model_adapter
         self.peft_config[adapter_name] = peft_config
@@ -482,7 +481,7 @@ class PeftModel(nn.Module):
         config = copy.copy(config) if config is not None else PeftConfig.from_pretrained(directory)
         if cls is PeftModel:
             cls = _TASK_CLASSES.get(str(config.task_type), PeftModel)  # type: ignore[assignment]
-        state = _apply_key_mapping(load_tensors(directory), key_mapping)
+        state = apply_key_mapping(load_tensors(directory), key_mapping)
         return cls.from_state(model, config, state, adapter_name, is_trainable, autocast_adapter_dtype)
 
     @classmethod
@@ -533,7 +532,7 @@ class PeftModel(nn.Module):
             A :class:`~peftkit.core.state.LoadResult` (``missing_keys``, ``unexpected_keys``).
         """
         directory = resolve_adapter_dir(model_id, subfolder)
-        state = _apply_key_mapping(load_tensors(directory, device=torch_device or "cpu"), key_mapping)
+        state = apply_key_mapping(load_tensors(directory, device=torch_device or "cpu"), key_mapping)
         ignore = bool(kwargs.get("ignore_mismatched_sizes", False))
         if adapter_name in self.peft_config:
             return set_peft_model_state_dict(self, state, adapter_name, ignore_mismatched_sizes=ignore)
@@ -610,49 +609,6 @@ _TASK_CLASSES: dict[str, type[PeftModel]] = {}
 def _refuse_unknown_kwargs(where: str, kwargs: dict[str, Any]) -> None:
     if kwargs:
         raise TypeError(f"{where} got unexpected keyword arguments {sorted(kwargs)}")
-
-
-def _targeted_module_names(model: nn.Module) -> list[str]:
-    return [name for name, layer in adapter_layers(model) if name and not isinstance(layer, ModulesToSaveWrapper)]
-
-
-def _cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast: bool) -> None:
-    """``autocast``: float16/bfloat16 adapter weights become float32 (as PEFT's
-    ``autocast_adapter_dtype=True``); otherwise float weights take the base layer's dtype.
-    Trained copies of base modules (``modules_to_save``, in-place and parameter-copy
-    methods) keep the dtype of what they copy."""
-    low = (torch.float16, torch.bfloat16)
-    for _, layer in adapter_layers(model):
-        if isinstance(layer, (ModulesToSaveWrapper, InPlaceAdapter, ParameterCopyLayer)):
-            continue
-        base_weight = getattr(layer.base_layer, "weight", None)
-        base_dtype = base_weight.dtype if isinstance(base_weight, torch.Tensor) and base_weight.is_floating_point() else None
-        for p in layer.adapter_parameters(adapter_name):
-            if not p.is_floating_point():
-                continue
-            if autocast and p.dtype in low:
-                p.data = p.data.float()
-            elif not autocast and base_dtype in low and p.dtype != base_dtype:
-                p.data = p.data.to(base_dtype)
-
-
-def _apply_key_mapping(state: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:
-    """PEFT's ``key_mapping``: regex replacements on keys without their ``base_model.model.`` prefix."""
-    if not key_mapping:
-        return state
-    import re
-
-    prefix = "base_model.model."
-    out = {}
-    for key, value in state.items():
-        has_prefix = key.startswith(prefix)
-        rest = key[len(prefix):] if has_prefix else key
-        for pattern, replacement in key_mapping.items():
-            rest, n = re.subn(pattern, replacement, rest)
-            if n:
-                break
-        out[(prefix if has_prefix else "") + rest] = value
-    return out
 
 
 def _uses_gradient_checkpointing(model: nn.Module) -> bool:
@@ -751,7 +707,7 @@ def inject_adapter_in_model(
     """
     if state_dict is not None:
         peft_config = copy.copy(peft_config)
-        peft_config.target_modules = _modules_addressed(model, state_dict)  # type: ignore[attr-defined]
+        peft_config.target_modules = modules_addressed(model, state_dict)  # type: ignore[attr-defined]
     if method_for_config(peft_config).create_model_adapter is not None:
         raise ValueError(
             f"{type(peft_config).peft_type} adapters change the model's inputs rather than its modules and need the "
@@ -766,22 +722,3 @@ def inject_adapter_in_model(
 
 
 install_trainer_hook()  # transformers' Trainer then saves and reloads adapters, not whole models
-
-
-def _modules_addressed(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """The modules an adapter's file keys belong to: for each key the deepest module of
-    ``model`` it starts with, unless the rest names that module's own parameter (a
-    ``modules_to_save`` copy or a trained base tensor)."""
-    modules = dict(model.named_modules())
-    found: set[str] = set()
-    for key in state_dict:
-        parts = key.removeprefix("base_model.model.").split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            name = ".".join(parts[:cut])
-            if name in modules:
-                if parts[cut] not in modules[name]._parameters:
-                    found.add(name)
-                break
-    if not found:
-        raise ValueError("state_dict addresses no module of the model: its keys name no adapter tensors of its modules")
-    return sorted(found)
