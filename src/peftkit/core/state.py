@@ -113,7 +113,8 @@ def get_peft_model_state_dict(
 
 
 def _without_adapter_name(key: str, adapter_name: str) -> str:
-    return key.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", "") if adapter_name else key
+    """A model's state-dict key as a file key: the adapter's name segment removed."""
+    return ".".join(part for part in key.split(".") if part != adapter_name)
 
 
 def set_peft_model_state_dict(

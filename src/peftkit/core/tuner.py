@@ -339,6 +339,11 @@ def merge_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None,
     done: list[tuple[AdapterLayer, list[str], dict[str, torch.Tensor]]] = []
     try:
         for name, layer in layers:
+            wanted = adapter_names if adapter_names is not None else layer.active_adapters
+            todo = [a for a in wanted if a in layer.adapter_names and a not in layer.merged_adapters]
+            if not todo or isinstance(layer, ModulesToSaveWrapper):  # nothing to fold here
+                layer.merge(adapter_names)
+                continue
             before = list(layer.merged_adapters)
             saved = {k: v.detach().clone() for k, v in layer.base_layer.state_dict().items()}
             done.append((layer, before, saved))
