@@ -405,3 +405,12 @@ def test_from_pretrained_picks_the_task_class_and_maps_keys(tmp_path):
     loaded = PeftModel.from_pretrained(Renamed(), tmp_path, config=config, key_mapping={r"^lin0\.": "first."})
     assert torch.equal(loaded.base_model.model.first.lora_B["default"].weight,
                        model.base_model.model.lin0.lora_B["default"].weight)
+
+
+def test_adalora_has_peft_fields_too():
+    peft = pytest.importorskip("peft")
+    assert peftkit.AdaLoraConfig(total_step=10).use_rslora is peft.AdaLoraConfig(total_step=10).use_rslora is False
+    with pytest.raises(NotImplementedError, match="AdaLoraConfig.lora_bias="):
+        peftkit.AdaLoraConfig(total_step=10, lora_bias=True)
+    with pytest.raises(ValueError, match="does not support DoRA"):  # as PEFT
+        peftkit.AdaLoraConfig(total_step=10, use_dora=True)

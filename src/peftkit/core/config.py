@@ -245,6 +245,19 @@ def _read_json_object(path: str) -> dict[str, Any]:
     return data
 
 
+def check_unimplemented_fields(config: Any, fields: dict[str, tuple[Any, str]]) -> None:
+    """Fields another library (Hugging Face PEFT) has and peftkit accepts only at their
+    default: ``fields`` maps a name to ``(default, what it asks for)``; a config that sets
+    one gets a NotImplementedError naming it. ``None`` and ``{}`` count as the same default."""
+    for name, (default, what) in fields.items():
+        value = getattr(config, name)
+        if value != default and not (default in (None, {}) and value in (None, {})):
+            raise NotImplementedError(
+                f"{type(config).__name__}.{name}={value!r} asks for {what}, a PEFT feature peftkit does not implement; "
+                f"leave {name} at its default ({default!r})"
+            )
+
+
 def list_field(default: list[str] | None = None) -> Any:
     """A dataclass field defaulting to a fresh list (or None)."""
     return field(default_factory=lambda: None if default is None else list(default))

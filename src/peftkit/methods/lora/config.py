@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
-from peftkit.core.config import TargetedConfig
+from peftkit.core.config import TargetedConfig, check_unimplemented_fields
 from peftkit.core.targeting import matches_key
 
 __all__ = ["LoraConfig"]
@@ -112,13 +112,7 @@ class LoraConfig(TargetedConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         self._check_init()
-        for name, (default, what) in self._PEFT_ONLY_FIELDS.items():
-            value = getattr(self, name)
-            if value != default and not (default in (None, {}) and value in (None, {})):
-                raise NotImplementedError(
-                    f"LoraConfig.{name}={value!r} asks for {what}, a PEFT feature peftkit does not implement; "
-                    f"leave {name} at its default ({default!r})"
-                )
+        check_unimplemented_fields(self, self._PEFT_ONLY_FIELDS)
         self.rank_pattern = _mapping("rank_pattern", self.rank_pattern, "rank")
         self.alpha_pattern = _mapping("alpha_pattern", self.alpha_pattern, "alpha")
         for name, value in self.rank_pattern.items():
