@@ -462,7 +462,8 @@ def test_two_prompt_adapters_switch_and_delete():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: PromptTuningConfig(task_type="CAUSAL_LM"), "needs num_virtual_tokens"),
+        # As in PEFT, the config may be built without it; the adapter cannot.
+        (lambda: get_peft_model(build("gpt2"), PromptTuningConfig(task_type="CAUSAL_LM")), "needs num_virtual_tokens"),
         (lambda: PromptTuningConfig(num_virtual_tokens=0), "positive integer"),
         (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT"), "prompt_tuning_init_text"),
         (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="words"), "one of"),

@@ -55,7 +55,6 @@ _SILENT_FOREIGN_KEYS = frozenset(
     {
         "peft_version",
         "auto_mapping",
-        "revision",
         "megatron_core",
         "qalora_group_size",
         "runtime_config",
@@ -98,6 +97,7 @@ class PeftConfig:
             classification tasks the new head is trained in full and saved with the adapter.
         base_model_name_or_path: recorded in the file so users know what it adapts.
         inference_mode: when True the adapter's parameters are frozen.
+        revision: the base model's hub revision, as recorded by PEFT.
     """
 
     peft_type: ClassVar[str] = ""
@@ -105,6 +105,7 @@ class PeftConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
+    revision: str | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PeftConfig:
         # The dataclass __init__ of each subclass would only say "unexpected keyword
@@ -166,9 +167,49 @@ class PeftConfig:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         atomic_write_text(os.path.join(directory, CONFIG_NAME), text + "\n")
 
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for methods that learn virtual tokens (PEFT's flag; the Trainer reads it)."""
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> PeftConfig:
-        """Reads ``adapter_config.json`` from an adapter folder."""
+    def from_json_file(cls, path_json_file: str | os.PathLike) -> dict[str, Any]:
+        """The dict stored in a config JSON file (as PEFT's ``from_json_file``)."""
+        return _read_json_object(os.fspath(path_json_file))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfig:
+        """Reads ``adapter_config.json`` from an adapter folder (or a hub id), as the
+        config class of the method it names.
+
+        Args:
+            subfolder: the adapter's subfolder.
+            kwargs: config fields that override the file's (as in PEFT); hub-download
+                options (``revision``, ``token``, ``cache_dir``...) are accepted.
+        """
+        from peftkit.core.io import resolve_adapter_dir
+
+        hub_options = {"revision", "token", "cache_dir", "force_download", "local_files_only", "repo_type", "use_auth_token"}
+        overrides = {k: v for k, v in kwargs.items() if k not in hub_options}
+        if subfolder is not None or not os.path.isdir(directory):
+            directory = resolve_adapter_dir(directory, subfolder)
+        config = cls._from_folder(directory)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise TypeError(_unknown_fields_message(type(config), [key]))
+            setattr(config, key, value)
+        if overrides:
+            config.__post_init__()
+        return config
+
+    @classmethod
+    def _from_folder(cls, directory: str | os.PathLike) -> PeftConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -202,6 +243,19 @@ def _read_json_object(path: str) -> dict[str, Any]:
         kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
         raise ValueError(f"{path} holds a JSON {kind}; an adapter config is a JSON object ({{...}})")
     return data
+
+
+def check_unimplemented_fields(config: Any, fields: dict[str, tuple[Any, str]]) -> None:
+    """Fields another library (Hugging Face PEFT) has and peftkit accepts only at their
+    default: ``fields`` maps a name to ``(default, what it asks for)``; a config that sets
+    one gets a NotImplementedError naming it. ``None`` and ``{}`` count as the same default."""
+    for name, (default, what) in fields.items():
+        value = getattr(config, name)
+        if value != default and not (default in (None, {}) and value in (None, {})):
+            raise NotImplementedError(
+                f"{type(config).__name__}.{name}={value!r} asks for {what}, a PEFT feature peftkit does not implement; "
+                f"leave {name} at its default ({default!r})"
+            )
 
 
 def list_field(default: list[str] | None = None) -> Any:

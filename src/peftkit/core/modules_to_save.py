@@ -62,13 +62,19 @@ class ModulesToSaveWrapper(AdapterLayer):
     def _module_for(self, name: str | None) -> nn.Module:
         return self.base_layer if name is None else self.modules_to_save[name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        groups = self.example_groups(x.shape[0]) if self.example_adapters is not None else None
-        if groups is not None:
-            out = self.base_layer(x, *args, **kwargs)
-            out = out.clone()
-            for name, idx in groups:
-                out[idx] = self.modules_to_save[name](x[idx], *args, **kwargs)
-            return out
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Calls the active trained copy (the original when none) with the inputs as given,
+        positional or keyword (``head(hidden_states=h)``)."""
         active = self.adapters_to_run()
-        return self._module_for(active[0] if active else None)(x, *args, **kwargs)
+        if self.example_adapters is not None:
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            if x is None:
+                raise ValueError("per-example adapters need a tensor input whose first dimension is the batch")
+            groups = self.example_groups(x.shape[0])
+            out = self.base_layer(*args, **kwargs).clone()
+            for name, idx in groups or ():
+                rows_args = [a[idx] if a is x else a for a in args]
+                rows_kwargs = {k: v[idx] if v is x else v for k, v in kwargs.items()}
+                out[idx] = self.modules_to_save[name](*rows_args, **rows_kwargs)
+            return out
+        return self._module_for(active[0] if active else None)(*args, **kwargs)

@@ -4,7 +4,8 @@ A target spec is one of
 - a list of names: a module matches when its full name equals an entry or ends with
   ``"." + entry`` (a suffix at a dot boundary);
 - a string: a regular expression that must match the full module name;
-- ``"all-linear"``: every linear layer except the output head.
+- ``"all-linear"``: every linear layer except a transformers model's output embeddings
+  (as in Hugging Face PEFT; a plain module keeps its last layer).
 
 Nothing here modifies the model.
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from peftkit.integrations.transformers import is_linear_like, output_head_names
+from peftkit.integrations.transformers import all_linear_exclusions, is_linear_like
 
 __all__ = ["TargetError", "find_targets", "layer_index", "matches_key", "name_matches"]
 
@@ -108,7 +109,7 @@ def find_targets(
     all_names = [n for n, _ in model.named_modules()]
     modules = dict(model.named_modules())
     skip = tuple(skip)
-    heads = set(output_head_names(model)) if target_modules == ALL_LINEAR else set()
+    heads = set(all_linear_exclusions(model)) if target_modules == ALL_LINEAR else set()
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
 

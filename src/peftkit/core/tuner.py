@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit.core.config import PeftConfig
@@ -45,11 +46,29 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_owner", None)  # a weak reference; the PeftModel sets it again (pickle, deepcopy)
+        return state
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name in _OWNER_API:
+                owner = self.__dict__.get("_owner")
+                peft_model = owner() if owner is not None else None
+                if peft_model is not None:
+                    return getattr(peft_model, name)
             return getattr(self.model, name)
+
+
+# What ``PeftModel.base_model`` (PEFT's tuner object) answers for its PeftModel.
+_OWNER_API = frozenset({
+    "active_adapter", "active_adapters", "add_weighted_adapter", "delete_adapter", "disable_adapter_layers",
+    "enable_adapter_layers", "merge_adapter", "merge_and_unload", "peft_config", "set_adapter",
+    "targeted_module_names", "unload", "unmerge_adapter",
+})
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -304,12 +323,45 @@ def delete_adapter(model: nn.Module, adapter_name: str, missing_ok: bool = False
             _set_module(model, name, layer.base_layer)
 
 
-def merge_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
-    layers = [layer for _, layer in adapter_layers(model)]
-    for layer in layers:  # every refusal before the first weight changes
+def merge_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+    """Folds adapters into the base weights of every layer.
+
+    ``safe_merge``: each layer's merged weights are checked for NaN and infinity; on the
+    first broken one every layer merged so far is put back as it was (bit for bit) and a
+    ValueError names the layer and adapter."""
+    layers = list(adapter_layers(model))
+    for _, layer in layers:  # every refusal before the first weight changes
         layer.check_mergeable(adapter_names)
-    for layer in layers:
-        layer.merge(adapter_names)
+    if not safe_merge:
+        for _, layer in layers:
+            layer.merge(adapter_names)
+        return
+    done: list[tuple[AdapterLayer, list[str], dict[str, torch.Tensor]]] = []
+    try:
+        for name, layer in layers:
+            wanted = adapter_names if adapter_names is not None else layer.active_adapters
+            todo = [a for a in wanted if a in layer.adapter_names and a not in layer.merged_adapters]
+            if not todo or isinstance(layer, ModulesToSaveWrapper):  # nothing to fold here
+                layer.merge(adapter_names)
+                continue
+            before = list(layer.merged_adapters)
+            saved = {k: v.detach().clone() for k, v in layer.base_layer.state_dict().items()}
+            done.append((layer, before, saved))
+            layer.merge(adapter_names)
+            bad = [k for k, v in layer.base_layer.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                new = [a for a in layer.merged_adapters if a not in before]
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {new[0] if new else adapter_names!r} seems to be "
+                    f"broken: merging it into {name or 'the model'} gives non-finite values in {bad}; nothing was merged"
+                )
+    except Exception:
+        with torch.no_grad():
+            for layer, before, saved in reversed(done):
+                for k, v in layer.base_layer.state_dict().items():
+                    v.copy_(saved[k])
+                layer.merged_adapters = before
+        raise
 
 
 def unmerge_adapters(model: nn.Module) -> None:
@@ -317,7 +369,7 @@ def unmerge_adapters(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def unload_adapters(model: nn.Module, merge: bool) -> nn.Module:
+def unload_adapters(model: nn.Module, merge: bool, progressbar: bool = False) -> nn.Module:
     """Replaces every adapter layer by its base module (merged first when ``merge``)."""
     layers = list(adapter_layers(model))
     if merge:
@@ -325,7 +377,12 @@ def unload_adapters(model: nn.Module, merge: bool) -> nn.Module:
             layer.check_mergeable(None)
     # Innermost first: layers may nest (LoRA's layers on several parameters of one module);
     # an attached in-place adapter (named "") stays first.
-    for name, layer in [entry for entry in layers if not entry[0]] + [entry for entry in reversed(layers) if entry[0]]:
+    ordered: Any = [entry for entry in layers if not entry[0]] + [entry for entry in reversed(layers) if entry[0]]
+    if progressbar:
+        from tqdm.auto import tqdm
+
+        ordered = tqdm(ordered, desc="Unloading " + ("and merging " if merge else "") + "model")
+    for name, layer in ordered:
         replacement = layer.unload(merge)
         if name:
             _set_module(model, name, replacement)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
-from peftkit.core.config import TargetedConfig
+from peftkit.core.config import TargetedConfig, check_unimplemented_fields
 
 __all__ = ["AdaLoraConfig"]
 
@@ -65,9 +65,57 @@ class AdaLoraConfig(TargetedConfig):
     bias: Literal["none", "all", "lora_only"] = "none"
     init_lora_weights: bool = True
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # PEFT's AdaLoraConfig inherits LoRA's fields; those of features AdaLoRA here lacks are
+    # accepted at their defaults (NotImplementedError naming the field when set).
+    use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
+    layer_replication: Union[list[tuple[int, int]], None] = None
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = None
+    ensure_weight_tying: bool = False
+    target_parameters: Union[list[str], None] = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    megatron_config: Union[dict[str, Any], None] = None
+    megatron_core: Union[str, None] = "megatron.core"
+    loftq_config: Union[dict[str, Any], None] = field(default_factory=dict)
+    eva_config: Union[dict[str, Any], None] = None
+    corda_config: Union[dict[str, Any], None] = None
+    alora_invocation_tokens: Union[list[int], None] = None
+    arrow_config: Union[dict[str, Any], None] = None
+    kasa_config: Union[dict[str, Any], None] = None
+    lora_ga_config: Union[dict[str, Any], None] = None
+    monteclora_config: Union[dict[str, Any], None] = None
+    velora_config: Union[dict[str, Any], None] = None
+    use_bdlora: Union[dict[str, Any], None] = None
+
+    _PEFT_ONLY_FIELDS: ClassVar[dict[str, tuple[Any, str]]] = {
+        "use_rslora": (False, "rank-stabilised scaling of AdaLoRA"),
+        "lora_bias": (False, "a trained bias on lora_B"),
+        "layer_replication": (None, "layer replication"),
+        "trainable_token_indices": (None, "training selected token embeddings"),
+        "ensure_weight_tying": (False, "keeping tied embeddings tied"),
+        "target_parameters": (None, "AdaLoRA on nn.Parameters"),
+        "use_qalora": (False, "QALoRA"),
+        "qalora_group_size": (16, "QALoRA"),
+        "megatron_config": (None, "Megatron parallel layers"),
+        "loftq_config": ({}, "LoftQ initialisation"),
+        "eva_config": (None, "EVA initialisation"),
+        "corda_config": (None, "CorDA initialisation"),
+        "alora_invocation_tokens": (None, "activated LoRA"),
+        "arrow_config": (None, "Arrow routing"),
+        "kasa_config": (None, "KaSA"),
+        "lora_ga_config": (None, "LoRA-GA initialisation"),
+        "monteclora_config": (None, "MonteCLoRA"),
+        "velora_config": (None, "VeLoRA"),
+        "use_bdlora": (None, "block-diagonal LoRA"),
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.use_dora:
+            raise ValueError("ADALORA does not support DoRA (use_dora=True); use LoraConfig(use_dora=True)")
+        check_unimplemented_fields(self, self._PEFT_ONLY_FIELDS)
         for name in ("target_r", "init_r", "deltaT"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -6,9 +6,9 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
-from peftkit.core.config import TargetedConfig
+from peftkit.core.config import TargetedConfig, check_unimplemented_fields
 from peftkit.core.targeting import matches_key
 
 __all__ = ["LoraConfig"]
@@ -37,6 +37,12 @@ class LoraConfig(TargetedConfig):
         target_parameters: parameters to adapt directly, ``["experts.gate_up_proj"]``
             (``<module path or suffix>.<parameter>``): 2-D weights or 3-D stacks of expert
             weights no linear layer holds. With these alone, leave ``target_modules`` None (or ``[]``).
+
+    PEFT's other fields (``lora_bias``, ``layer_replication``, ``trainable_token_indices``,
+    ``ensure_weight_tying``, ``use_qalora``, ``loftq_config``,
+    ``eva_config``, ``corda_config``, ...) are accepted so that its configs and files load;
+    peftkit does not implement those features, so each raises NotImplementedError naming
+    the field when set to anything but its default.
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -52,6 +58,46 @@ class LoraConfig(TargetedConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_parameters: Union[list[str], None] = None
+    # PEFT's fields for features peftkit lacks: accepted at their defaults (_PEFT_ONLY_FIELDS).
+    lora_bias: bool = False
+    layer_replication: Union[list[tuple[int, int]], None] = None
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = None
+    ensure_weight_tying: bool = False
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    megatron_config: Union[dict[str, Any], None] = None
+    megatron_core: Union[str, None] = "megatron.core"
+    loftq_config: Union[dict[str, Any], None] = field(default_factory=dict)
+    eva_config: Union[dict[str, Any], None] = None
+    corda_config: Union[dict[str, Any], None] = None
+    alora_invocation_tokens: Union[list[int], None] = None
+    arrow_config: Union[dict[str, Any], None] = None
+    kasa_config: Union[dict[str, Any], None] = None
+    lora_ga_config: Union[dict[str, Any], None] = None
+    monteclora_config: Union[dict[str, Any], None] = None
+    velora_config: Union[dict[str, Any], None] = None
+    use_bdlora: Union[dict[str, Any], None] = None
+
+    # field -> (default, what it is in PEFT): set to anything else, NotImplementedError.
+    _PEFT_ONLY_FIELDS: ClassVar[dict[str, tuple[Any, str]]] = {
+        "lora_bias": (False, "a trained bias on lora_B"),
+        "layer_replication": (None, "layer replication (duplicated blocks sharing weights)"),
+        "trainable_token_indices": (None, "training selected token embeddings"),
+        "ensure_weight_tying": (False, "keeping tied embeddings tied in modules_to_save"),
+        "use_qalora": (False, "QALoRA"),
+        "qalora_group_size": (16, "QALoRA"),
+        "megatron_config": (None, "Megatron parallel layers"),
+        "loftq_config": ({}, "LoftQ initialisation"),
+        "eva_config": (None, "EVA initialisation"),
+        "corda_config": (None, "CorDA initialisation"),
+        "alora_invocation_tokens": (None, "activated LoRA"),
+        "arrow_config": (None, "Arrow routing"),
+        "kasa_config": (None, "KaSA"),
+        "lora_ga_config": (None, "LoRA-GA initialisation"),
+        "monteclora_config": (None, "MonteCLoRA"),
+        "velora_config": (None, "VeLoRA"),
+        "use_bdlora": (None, "block-diagonal LoRA"),
+    }
 
     # What PEFT accepts for init_lora_weights and peftkit does not implement (yet).
     _PEFT_ONLY_INITS: ClassVar[tuple[str, ...]] = ("olora", "orthogonal", "loftq", "eva", "corda")
@@ -66,6 +112,7 @@ class LoraConfig(TargetedConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         self._check_init()
+        check_unimplemented_fields(self, self._PEFT_ONLY_FIELDS)
         self.rank_pattern = _mapping("rank_pattern", self.rank_pattern, "rank")
         self.alpha_pattern = _mapping("alpha_pattern", self.alpha_pattern, "alpha")
         for name, value in self.rank_pattern.items():

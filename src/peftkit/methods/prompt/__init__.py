@@ -53,6 +53,8 @@ def create_prompt_adapter(model: nn.Module, config: PromptLearningConfig, adapte
         ValueError: the config does not fit the model, or prefix tuning is asked of a model
             with gradient checkpointing (which drops the attention cache).
     """
+    if config.num_virtual_tokens is None:
+        raise ValueError(f"{type(config).__name__} needs num_virtual_tokens to build an adapter, e.g. num_virtual_tokens=20")
     uses_cache = isinstance(config, PrefixTuningConfig)
     spec = inspect_model(model)
     complete_config(config, spec, uses_cache)

@@ -62,7 +62,8 @@ class PromptLearningConfig(PeftConfig):
     """Fields shared by the soft-prompt methods.
 
     Args:
-        num_virtual_tokens: how many learned positions are added (required).
+        num_virtual_tokens: how many learned positions are added (required to build an adapter;
+            a config may be made without it and completed later, as in PEFT).
         token_dim: width of each learned vector: the embedding size for prompt and
             P-tuning, the key/value width (heads × head size) for prefix tuning. Read from
             the model when None.
@@ -85,11 +86,9 @@ class PromptLearningConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_virtual_tokens is None:
-            raise ValueError(f"{type(self).__name__} needs num_virtual_tokens, e.g. num_virtual_tokens=20")
-        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) or (
-            self.num_virtual_tokens <= 0
-        ):
+        # As in PEFT, a config may be built without it (and completed later); an adapter cannot.
+        n = self.num_virtual_tokens
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             _positive_or_none(name, getattr(self, name))
@@ -105,6 +104,10 @@ class PromptLearningConfig(PeftConfig):
             self.modules_to_save = [self.modules_to_save]
         elif isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True
 
     @property
     def total_virtual_tokens(self) -> int:
