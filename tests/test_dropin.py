@@ -195,9 +195,7 @@ def test_get_peft_model_state_dict_and_inject_adapter_in_model_take_peft_argumen
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("method", ["lora", pytest.param("dora", marks=pytest.mark.xfail(
-    strict=True, reason="DoRA's correction comes back in float32 on a low-precision base (methods/lora/layer.py "
-    "dora_correction needs .to(result.dtype)); that file is being refactored separately")), "ia3"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_low_precision_bases_train_with_float32_adapters(dtype, method):
     """autocast_adapter_dtype=True (PEFT's default): adapter weights in float32 on a
     float16/bfloat16 base; forward, backward and merge run without dtype errors."""

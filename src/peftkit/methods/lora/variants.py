@@ -87,8 +87,9 @@ class Dora(LoraVariant):
         base = result if bias is None else result - bias.view(shape)
         lora = layer.unscaled_update(adapter, x).to(result.dtype)
         # In this order, as Hugging Face PEFT adds them, outputs agree with PEFT's within
-        # float32 rounding.
-        return (scale - 1) * base + scale * lora * layer.scaling[adapter]
+        # float32 rounding. The magnitude is float32 on a low-precision base: the term comes
+        # back in the base's dtype.
+        return ((scale - 1) * base + scale * lora * layer.scaling[adapter]).to(result.dtype)
 
     def merge(self, layer: LoraLayer, adapter: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
         w, d = layer.out_major(weight), layer.out_major(delta)
