@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+import threading
 from typing import Any, Generic, TypeVar
 
 from peftkit.train.extension import TrainExtension
@@ -37,6 +38,10 @@ class _Registry(Generic[T]):
         self.kind, self.base, self.package, self.group = kind, base, package, group
         self.items: dict[str, T] = {}
         self._loaded = False
+        # Loading happens once, on first use; a lock keeps a second thread (a server validating
+        # two jobs at once) from seeing a half-filled registry.
+        self._lock = threading.RLock()
+        self._loading = False
 
     def register(self, item: Any, name: str | None = None) -> T:
         obj = item() if isinstance(item, type) else item
@@ -53,7 +58,17 @@ class _Registry(Generic[T]):
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
+        with self._lock:
+            if self._loaded or self._loading:  # done, or this thread is loading (a module asked again)
+                return
+            self._loading = True
+            try:
+                self._load_all()
+            finally:
+                self._loading = False
+            self._loaded = True
+
+    def _load_all(self) -> None:
         package = importlib.import_module(self.package)
         for info in pkgutil.iter_modules(package.__path__):
             if info.name.startswith("_") or info.name == "base":
