@@ -155,6 +155,7 @@ class _Watcher:
     def __init__(self, store: JobStore, job_id: str, run_dir: str, total_steps: int) -> None:
         self.store, self.job_id, self.run_dir, self.total = store, job_id, run_dir, total_steps
         self.offset = 0
+        self.inode: int | None = None
         self.checkpoints_seen: set[str] = set()
         self.train_loss: dict[int, float] = {}
         self.last_eval: dict[str, Any] = {}
@@ -166,12 +167,16 @@ class _Watcher:
     def _metrics(self) -> None:
         path = os.path.join(self.run_dir, "metrics.jsonl")
         try:
-            size = os.path.getsize(path)
+            fh = open(path, encoding="utf-8")
         except OSError:
             return
-        if size < self.offset:  # a resumed run rewrote the file: read it again (recorded steps are skipped)
-            self.offset = 0
-        with open(path, encoding="utf-8") as fh:
+        with fh:
+            # A resumed run rewrites the file (a new file renamed over it): read that one from the
+            # start; the steps already recorded are skipped. The open file is the one measured,
+            # so a rename between looks cannot mix the two.
+            stat = os.fstat(fh.fileno())
+            if stat.st_ino != self.inode or stat.st_size < self.offset:
+                self.inode, self.offset = stat.st_ino, 0
             fh.seek(self.offset)
             text = fh.read()
         end = text.rfind("\n") + 1  # whole lines only
