@@ -207,10 +207,11 @@ class _Watcher:
             names = os.listdir(folder)
         except OSError:
             return
-        for name in names:
-            if not name.startswith("step-") or not name[5:].isdigit() or name in self.checkpoints_seen:
+        # In step order: the listing's order is the file system's, and checkpoints are listed newest first.
+        steps = sorted((int(name[5:]), name) for name in names if name.startswith("step-") and name[5:].isdigit())
+        for step, name in steps:
+            if name in self.checkpoints_seen:
                 continue
-            step = int(name[5:])
             if not final and (not self.train_loss or max(self.train_loss) < step):
                 continue  # the step's metrics row comes just after its adapter: record both together
             logged = [s for s in self.train_loss if s <= step]
