@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
 from peftkit.core.config import TargetedConfig, check_unimplemented_fields
+from peftkit.methods.lora.config import LoraConfig
 
 __all__ = ["AdaLoraConfig"]
 
@@ -89,26 +90,11 @@ class AdaLoraConfig(TargetedConfig):
     velora_config: Union[dict[str, Any], None] = None
     use_bdlora: Union[dict[str, Any], None] = None
 
+    # LoRA's table, and the two features LoRA here has that AdaLoRA lacks.
     _PEFT_ONLY_FIELDS: ClassVar[dict[str, tuple[Any, str]]] = {
+        **LoraConfig._PEFT_ONLY_FIELDS,
         "use_rslora": (False, "rank-stabilised scaling of AdaLoRA"),
-        "lora_bias": (False, "a trained bias on lora_B"),
-        "layer_replication": (None, "layer replication"),
-        "trainable_token_indices": (None, "training selected token embeddings"),
-        "ensure_weight_tying": (False, "keeping tied embeddings tied"),
         "target_parameters": (None, "AdaLoRA on nn.Parameters"),
-        "use_qalora": (False, "QALoRA"),
-        "qalora_group_size": (16, "QALoRA"),
-        "megatron_config": (None, "Megatron parallel layers"),
-        "loftq_config": ({}, "LoftQ initialisation"),
-        "eva_config": (None, "EVA initialisation"),
-        "corda_config": (None, "CorDA initialisation"),
-        "alora_invocation_tokens": (None, "activated LoRA"),
-        "arrow_config": (None, "Arrow routing"),
-        "kasa_config": (None, "KaSA"),
-        "lora_ga_config": (None, "LoRA-GA initialisation"),
-        "monteclora_config": (None, "MonteCLoRA"),
-        "velora_config": (None, "VeLoRA"),
-        "use_bdlora": (None, "block-diagonal LoRA"),
     }
 
     def __post_init__(self) -> None:
