@@ -42,6 +42,15 @@ def module_dropped(p: float, training: bool) -> bool:
     return training and p > 0 and bool(torch.rand(()) < p)
 
 
+def drop_ranks(delta: torch.Tensor, p: float, rescale: bool = True) -> torch.Tensor:
+    """Rank dropout (LyCORIS, LoHa/LoKr): each output row of ``delta`` dropped with probability
+    ``p``; with ``rescale`` the kept rows are divided by the share kept, so the mean is unchanged."""
+    keep = (torch.rand(delta.shape[0], device=delta.device) > p).to(delta.dtype)
+    if rescale:
+        keep = keep / keep.mean().clamp_min(1e-12)
+    return delta * keep.view(-1, *([1] * (delta.dim() - 1)))
+
+
 class DeltaLayer(AdapterLayer):
     """A linear or convolution layer plus adapters that each add ``ΔW`` (shaped like the
     base weight). Subclasses implement ``delta_weight`` and may override ``delta_output``."""

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from peftkit.core.delta import DeltaLayer
+from peftkit.core.delta import DeltaLayer, drop_ranks
 from peftkit.methods.loha.config import LoHaConfig
 
 __all__ = ["SUPPORTED", "LoHaLayer", "create_loha_layer", "hadamard_delta", "is_loha_supported", "tucker_kernel"]
@@ -101,9 +101,7 @@ class LoHaLayer(DeltaLayer):
         ).reshape(self.base_layer.weight.shape)
         p = self.rank_dropout[adapter_name]
         if p > 0 and self.dropping():
-            keep = (torch.rand(delta.shape[0], device=delta.device) > p).to(delta.dtype)
-            keep = keep / keep.mean().clamp_min(1e-12)
-            delta = delta * keep.view(-1, *([1] * (delta.dim() - 1)))
+            delta = drop_ranks(delta, p)
         return delta
 
 

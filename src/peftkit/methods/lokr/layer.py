@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from peftkit.core.delta import DeltaLayer
+from peftkit.core.delta import DeltaLayer, drop_ranks
 from peftkit.methods.loha.layer import tucker_kernel
 from peftkit.methods.lokr.config import LoKrConfig
 
@@ -127,10 +127,7 @@ class LoKrLayer(DeltaLayer):
         delta = kron_delta(w1, w2, self.scaling[adapter_name]).reshape(self.base_layer.weight.shape)
         p, rescale = self.rank_dropout[adapter_name]
         if p > 0 and self.dropping():
-            keep = (torch.rand(delta.shape[0], device=delta.device) > p).to(delta.dtype)
-            if rescale:
-                keep = keep / keep.mean().clamp_min(1e-12)
-            delta = delta * keep.view(-1, *([1] * (delta.dim() - 1)))
+            delta = drop_ranks(delta, p, rescale)
         return delta
 
 
