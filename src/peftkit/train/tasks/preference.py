@@ -252,6 +252,27 @@ class MetricSums:
         return out
 
 
+def evaluate_means(task: Task, model: Any, items: list[Item], collate: Callable[[Sequence[Item]], Batch],
+                   batch_size: int, accelerator: Any, metrics_of: Callable[[Batch], dict[str, torch.Tensor]],
+                   keys: list[str]) -> dict[str, float]:
+    """Means of the per-example values ``metrics_of(batch)`` gives over ``items`` (each process
+    takes a shard; the sums are added across processes)."""
+    was_training = model.training
+    model.eval()
+    world = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    device = accelerator.device if accelerator else _device_of(model)
+    sums = MetricSums()
+    for batch in task.batches(items[rank::world], collate, batch_size, device):
+        sums.add(metrics_of(batch))
+    totals = torch.tensor([[sums.sums.get(k, 0.0), sums.counts.get(k, 0)] for k in keys], dtype=torch.float64,
+                          device=device)
+    if accelerator is not None and world > 1:
+        totals = accelerator.reduce(totals, "sum")
+    model.train(was_training)
+    return {k: float(s / max(c, 1)) for k, (s, c) in zip(keys, totals.tolist(), strict=True)}
+
+
 def trains_base_in_place(cfg: RunConfig) -> bool:
     """Whether the run's method is the model's own weights trained in place (it wraps no
     module and names base parameters it trains), so switching it off cannot give the
@@ -436,19 +457,9 @@ class PreferenceTask(Task):
     def evaluate(self, model: Any, items: list[Item], collate: Callable[[Sequence[Item]], Batch],
                  batch_size: int, accelerator: Any = None) -> dict[str, float]:
         """The loss and TRL's reward metrics over the validation pairs (means over pairs)."""
-        was_training = model.training
-        model.eval()
-        world = accelerator.num_processes if accelerator else 1
-        rank = accelerator.process_index if accelerator else 0
-        device = accelerator.device if accelerator else _device_of(model)
-        sums = MetricSums()
-        for batch in self.batches(items[rank::world], collate, batch_size, device):
-            out = self.pair_outputs(model, batch)
-            sums.add({"eval_loss" if k == "losses" else k: v for k, v in out.items()})
         keys = ["eval_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected"]
-        totals = torch.tensor([[sums.sums.get(k, 0.0), sums.counts.get(k, 0)] for k in keys], dtype=torch.float64, device=device)
-        if accelerator is not None and world > 1:
-            totals = accelerator.reduce(totals, "sum")
-        model.train(was_training)
-        return {k: float(s / max(c, 1)) for k, (s, c) in zip(keys, totals.tolist(), strict=True)}
+
+        def metrics_of(batch: Batch) -> dict[str, torch.Tensor]:
+            return {"eval_loss" if k == "losses" else k: v for k, v in self.pair_outputs(model, batch).items()}
+        return evaluate_means(self, model, items, collate, batch_size, accelerator, metrics_of, keys)

@@ -12,8 +12,8 @@ import torch
 
 from peftkit.alignment.losses import pairwise_reward_loss
 from peftkit.train.schema import DataSection, RunConfig
-from peftkit.train.tasks.base import Batch, Item, Task, _device_of, logits_of
-from peftkit.train.tasks.preference import MetricSums, PairData, check_pairs, pair_of, render
+from peftkit.train.tasks.base import Batch, Item, Task, logits_of
+from peftkit.train.tasks.preference import MetricSums, PairData, check_pairs, evaluate_means, pair_of, render
 from peftkit.train.tasks.text import TextModel
 
 __all__ = ["RewardEncoder", "RewardTask"]
@@ -102,19 +102,9 @@ class RewardTask(Task):
     def evaluate(self, model: Any, items: list[Item], collate: Callable[[Sequence[Item]], Batch],
                  batch_size: int, accelerator: Any = None) -> dict[str, float]:
         """The loss, the share of pairs ordered correctly and the mean margin."""
-        was_training = model.training
-        model.eval()
-        world = accelerator.num_processes if accelerator else 1
-        rank = accelerator.process_index if accelerator else 0
-        device = accelerator.device if accelerator else _device_of(model)
-        sums = MetricSums()
-        for batch in self.batches(items[rank::world], collate, batch_size, device):
+        def metrics_of(batch: Batch) -> dict[str, torch.Tensor]:
             chosen, rejected = self.scores(model, batch)
-            sums.add({"eval_loss": pairwise_reward_loss(chosen, rejected), "accuracy": (chosen > rejected).float(),
-                      "margin": chosen - rejected})
-        keys = ["eval_loss", "accuracy", "margin"]
-        totals = torch.tensor([[sums.sums.get(k, 0.0), sums.counts.get(k, 0)] for k in keys], dtype=torch.float64, device=device)
-        if accelerator is not None and world > 1:
-            totals = accelerator.reduce(totals, "sum")
-        model.train(was_training)
-        return {k: float(s / max(c, 1)) for k, (s, c) in zip(keys, totals.tolist(), strict=True)}
+            return {"eval_loss": pairwise_reward_loss(chosen, rejected), "accuracy": (chosen > rejected).float(),
+                    "margin": chosen - rejected}
+        return evaluate_means(self, model, items, collate, batch_size, accelerator, metrics_of,
+                              ["eval_loss", "accuracy", "margin"])
