@@ -23,8 +23,10 @@ import argparse
 import copy
 import os
 import queue
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +118,7 @@ def main() -> None:
     merged.set_adapter(names[0])
     merged = merged.merge_and_unload().eval()
     # peftkit's engine loads adapters from folders, as the server does.
-    folder = os.path.join(os.path.dirname(args.out), ".serve_adapters")
+    folder = tempfile.mkdtemp(prefix="peftkit-bench-serve-")
     paths = {}
     for name in names:
         ours.save_pretrained(os.path.join(folder, name), selected_adapters=[name])
@@ -157,6 +159,7 @@ def main() -> None:
         agree = sum(texts["peftkit"][i] == texts["peft one at a time"][i] for i in range(args.clients))
     engine.stop()
     ceiling.stop()
+    shutil.rmtree(folder, ignore_errors=True)
     med = {name: {k: statistics.median(x[k] for x in rows) for k in rows[0]} for name, rows in results.items()}
     ratios = {
         "throughput vs peft one at a time": statistics.median(
