@@ -212,3 +212,17 @@ def test_peftkit_loha_and_lokr_write_lycoris_files_that_read_back(tmp_path) -> N
                           expected, REL)
     with pytest.raises(LycorisError, match="no LoHa or LoKr adapter named 'other'"):
         save_lycoris(encoder, tmp_path / "x.safetensors", prefix="lora_te", adapter_name="other")
+
+
+def test_a_lycoris_file_converts_to_lora_with_the_same_outputs(tmp_path) -> None:
+    """LyCORIS LoHa → peftkit LoHa → LoRA (for LoRA-only servers): at a rank that holds every
+    module's ΔW, the LoRA computes what the file does."""
+    from peftkit import convert_to_lora
+
+    save_file(_loha_file(), tmp_path / "loha.safetensors")
+    model = load_lycoris(_unet(), tmp_path / "loha.safetensors", prefix="lora_unet")
+    expected = _unet_out(model)
+    result = convert_to_lora(model, rank=256)  # ≥ the smaller side of every adapted weight here
+    got = _unet_out(result.apply(_unet()))
+    assert result.max_error < 1e-6
+    assert_rounding_close(got, expected, REL)
