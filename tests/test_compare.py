@@ -71,6 +71,9 @@ def test_relevance_and_interpolate_commands(run_config, capsys):
     assert cli_main(["relevance", str(path), "--examples", "16", "--out", str(root / "rel")]) == 0
     proposal = yaml.safe_load((root / "rel" / "proposal.yaml").read_text())
     assert proposal["method"]["target_modules"] and (root / "rel" / "relevance.png").is_file()
+    # the classifier is built fresh for the task: neither scored nor proposed
+    assert not any("classifier" in t for t in proposal["method"]["target_modules"])
+    assert "not scored (built fresh for the task, trained in full): classifier" in capsys.readouterr().out
     run = root / "runs" / "single"
     assert cli_main(["train", str(path), f"output_dir={run}", "--quiet"]) == 0
     capsys.readouterr()

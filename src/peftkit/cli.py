@@ -221,7 +221,7 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     batches = [run.collate(items[i : i + cfg.train.batch_size]) for i in range(0, len(items), cfg.train.batch_size)]
     torch.manual_seed(cfg.train.seed)
     # the heads the task builds fresh have random weights: their large gradients say nothing of where to adapt
-    report = relevance_scores(model, batches, loss_fn=run.task.loss, exclude=run.task.head_modules(run.model, run.processor))
+    report = relevance_scores(model, batches, loss_fn=run.task.loss, exclude=run.fresh_heads())
     print(report.table(args.score, limit=args.top))
     print("\nby layer:", {k: f"{v:.3e}" for k, v in report.by_layer(args.score).items()})
     print("by kind: ", {k: f"{v:.3e}" for k, v in report.by_kind(args.score).items()})

@@ -25,6 +25,18 @@ class Prepared:
         self.encode = self.task.encoder(cfg, self.processor, labels)
         self.collate = self.task.collator(cfg, self.processor)
 
+    def fresh_heads(self) -> list[str]:
+        """The modules built fresh for the task (random weights): the task's own heads, and the
+        heads its ``task_type`` trains in full (a sequence classifier's ``classifier``)."""
+        from peftkit.integrations.transformers import task_head_names
+
+        heads = list(self.task.head_modules(self.model, self.processor))
+        names = [n for n, _ in self.model.named_modules()]
+        for head in task_head_names(getattr(self.task, "task_type", None)):
+            if head not in heads and any(n == head or n.endswith("." + head) for n in names):
+                heads.append(head)
+        return heads
+
     def with_heads(self, peft_config: Any) -> Any:
         """``peft_config`` with the task's fresh head modules added to its ``modules_to_save``."""
         heads = self.task.head_modules(self.model, self.processor)
