@@ -56,7 +56,7 @@ class Server:
         self.served = served
         self.engine = engine
         self.metrics = engine.metrics
-        self.api_keys = {key_owner(k): k for k in api_keys}
+        self.owners = {key_owner(k) for k in api_keys}  # digests only: the keys are not kept
         self.created = int(time.time())
         # What else runs with the server (the jobs service): started after the engine, stopped before it.
         self.on_start: list[Callable[[], None]] = []
@@ -84,13 +84,13 @@ class Server:
 
     def owner(self, authorization: str | None) -> str:
         """The caller's owner id; 401 when keys are set and the request has none of them."""
-        if not self.api_keys:
+        if not self.owners:
             return ""
         if not authorization or not authorization.startswith("Bearer "):
             raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
         owner = key_owner(authorization[len("Bearer "):].strip())
-        if owner not in self.api_keys:
+        if owner not in self.owners:
             raise APIError(401, "incorrect API key", code="invalid_api_key")
         return owner
 

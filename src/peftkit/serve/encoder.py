@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from peftkit.serve.adapters import AdapterPool
+from peftkit.serve.loading import context_length
 from peftkit.serve.metrics import Metrics
 
 
@@ -25,8 +26,7 @@ class EncoderEngine:
         self.tokenizer = tokenizer
         self.metrics = metrics or Metrics()
         self.pool = AdapterPool(model, dict(adapters or {}), max_adapters, self.metrics)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        self.max_model_len = min(x for x in (max_model_len, limit) if x) if (max_model_len or limit) else 512
+        self.max_model_len = context_length(model, max_model_len, default=512)
         self.labels = labels
         self.max_batch_size = max_batch_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peftkit-encoder")

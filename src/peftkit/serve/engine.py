@@ -30,6 +30,7 @@ import torch
 
 from peftkit.serve.adapters import AdapterPool
 from peftkit.serve.errors import APIError
+from peftkit.serve.loading import context_length
 from peftkit.serve.metrics import Metrics
 from peftkit.serve.sampling import SamplingParams, make_generator, next_token
 
@@ -123,8 +124,7 @@ class GenerationEngine:
         self.pool = AdapterPool(model, dict(adapters or {}), max_adapters, self.metrics)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        self.max_model_len = min(x for x in (max_model_len, limit) if x) if (max_model_len or limit) else 2048
+        self.max_model_len = context_length(model, max_model_len, default=2048)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos is None:
             eos = tokenizer.eos_token_id

@@ -25,6 +25,20 @@ class Served:
     path: str | None = None  # where the base loads from (a folder or a hub id), for training jobs on it
 
 
+def context_length(model: Any, requested: int | None, default: int) -> int:
+    """Prompt plus generated tokens at most: ``requested``, capped by the model's positions
+    (``max_position_embeddings``, GPT-2's ``n_positions``); ``default`` when neither is known."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    known = [x for x in (requested, limit) if x]
+    return min(known) if known else default
+
+
+def _model_id(name: str) -> str:
+    """The name clients use for a base: a folder's own name, else the name as given (``minilm``, a hub id)."""
+    return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
+
+
 def _is_run(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isdir(os.path.join(path, "adapter"))
 
@@ -68,7 +82,7 @@ def load_base(base: str, dtype: str = "auto") -> Served:
         auto = AutoModel
     model = auto.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model_id = base if base.lower() in MODEL_ALIASES or not os.path.isdir(base) else os.path.basename(os.path.normpath(base))
+    model_id = base if base.lower() in MODEL_ALIASES else _model_id(base)
     labels = _labels(model)
     return Served(model_id, model, tokenizer, _kind(model), labels=labels, path=str(path))
 
@@ -88,7 +102,7 @@ def _load_run(run_dir: str, dtype: str) -> Served:
         model = model.to(_DTYPES[dtype])
     name = os.path.basename(os.path.normpath(run_dir))
     base_name = str(prepared.cfg.model.name)
-    model_id = base_name if not os.path.isdir(base_name) else os.path.basename(os.path.normpath(base_name))
+    model_id = _model_id(base_name)
     labels = prepared.labels
     return Served(model_id, model, prepared.processor, _kind(model),
                   adapters={name: os.path.join(run_dir, "adapter")},

@@ -28,12 +28,13 @@ class Prepared:
     def fresh_heads(self) -> list[str]:
         """The modules built fresh for the task (random weights): the task's own heads, and the
         heads its ``task_type`` trains in full (a sequence classifier's ``classifier``)."""
+        from peftkit.core.targeting import name_matches
         from peftkit.integrations.transformers import task_head_names
 
         heads = list(self.task.head_modules(self.model, self.processor))
         names = [n for n, _ in self.model.named_modules()]
         for head in task_head_names(getattr(self.task, "task_type", None)):
-            if head not in heads and any(n == head or n.endswith("." + head) for n in names):
+            if head not in heads and any(name_matches(n, head) for n in names):
                 heads.append(head)
         return heads
 
