@@ -1,8 +1,8 @@
 """Preference tuning and reinforcement learning from feedback, as functions: the losses (DPO
-and its family, ORPO, SimPO, the Bradley–Terry reward loss, GRPO) and the log-probabilities
+and its family, ORPO, SimPO, KTO, the Bradley–Terry reward loss, GRPO) and the log-probabilities
 they are computed from, with the reference model given by switching adapters off.
 
-``peftkit train`` uses them in its ``reward``, ``preference`` and ``grpo`` tasks; a plain
+``peftkit train`` uses them in its ``reward``, ``preference``, ``kto`` and ``grpo`` tasks; a plain
 PyTorch loop can call them directly::
 
     from peftkit.alignment import completion_logps, dpo_loss, reference_mode
@@ -20,10 +20,12 @@ from peftkit.alignment.logprobs import completion_logps, disable_dropout, frozen
 from peftkit.alignment.losses import (
     DPO_LOSS_TYPES,
     GRPO_LOSS_TYPES,
+    KTO_LOSS_TYPES,
     PREFERENCE_LOSS_TYPES,
     dpo_loss,
     group_advantages,
     grpo_loss,
+    kto_loss,
     orpo_loss,
     pairwise_reward_loss,
     simpo_loss,
@@ -32,6 +34,7 @@ from peftkit.alignment.losses import (
 __all__ = [
     "DPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
     "PREFERENCE_LOSS_TYPES",
     "completion_logps",
     "disable_dropout",
@@ -39,6 +42,7 @@ __all__ = [
     "frozen_copy",
     "group_advantages",
     "grpo_loss",
+    "kto_loss",
     "orpo_loss",
     "pairwise_reward_loss",
     "per_token_logps",

@@ -8,7 +8,8 @@ switched off). The implicit reward of a completion is ``r(y) = β·(log π(y|x) 
 
 Every function returns per-example losses (the caller takes the mean) and, where the
 method defines them, the rewards that training logs as ``rewards/chosen`` and
-``rewards/rejected``.
+``rewards/rejected``. KTO's examples are unpaired (one completion, labelled desirable or
+not); its rewards are per example.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import torch.nn.functional as F
 __all__ = [
     "DPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
     "PREFERENCE_LOSS_TYPES",
     "dpo_loss",
     "group_advantages",
     "grpo_loss",
+    "kto_loss",
     "orpo_loss",
     "pairwise_reward_loss",
     "simpo_loss",
@@ -35,6 +38,8 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 #: every offline pairwise loss: the DPO family and the reference-free ones
 PREFERENCE_LOSS_TYPES = (*DPO_LOSS_TYPES, "orpo", "simpo")
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+#: losses of unpaired examples labelled desirable or undesirable
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 def pairwise_reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
@@ -99,6 +104,54 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     else:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl_logps: torch.Tensor | None = None,
+             ref_kl_logps: torch.Tensor | None = None, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0, loss_type: str = "kto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO (Kahneman–Tversky optimisation) on unpaired examples, each a completion ``y`` of
+    a prompt ``x`` labelled desirable or undesirable.
+
+    With the log-ratio ``r = log π(y|x) − log π_ref(y|x)`` and the reference point
+    ``z = max(0, mean_j (log π(y'_j|x_j) − log π_ref(y'_j|x_j)))``, an estimate of
+    KL(π ‖ π_ref) from mismatched pairs ``(x_j, y'_j)`` of the batch (a prompt with another
+    example's completion), detached:
+
+    - ``kto``: desirable ``λ_D·(1 − σ(β·(r − z)))``, undesirable ``λ_U·(1 − σ(β·(z − r)))``
+    - ``apo_zero_unpaired`` (APO-zero, no reference point): desirable ``λ_D·(1 − σ(β·r))``,
+      undesirable ``λ_U·σ(β·r)``
+
+    Args:
+        logps, ref_logps: ``(batch,)`` summed completion log-probabilities under the policy
+            (with gradient) and the reference.
+        desirable: ``(batch,)`` booleans, True where the completion is desirable.
+        kl_logps, ref_kl_logps: ``(batch,)`` the same for the mismatched pairs (``kto`` needs
+            them; only their mean enters, without gradient). Across several processes, pass
+            every process's values to get the mean over the whole batch.
+        beta: the strength of the pull towards the reference.
+        desirable_weight, undesirable_weight: ``λ_D`` and ``λ_U``, to balance unequal counts.
+        loss_type: one of :data:`KTO_LOSS_TYPES`.
+
+    Returns:
+        ``(losses, rewards, kl)``: ``(batch,)`` weighted losses (their mean is the loss),
+        ``(batch,)`` rewards ``β·r`` (detached), and the scalar ``z`` (0 for
+        ``apo_zero_unpaired``).
+    """
+    ratio = logps - ref_logps
+    if loss_type == "kto":
+        if kl_logps is None or ref_kl_logps is None:
+            raise ValueError("loss_type 'kto' needs the mismatched pairs' log-probabilities (kl_logps, ref_kl_logps)")
+        kl = (kl_logps - ref_kl_logps).detach().mean().clamp(min=0)
+        desirable_losses = 1 - torch.sigmoid(beta * (ratio - kl))
+        undesirable_losses = 1 - torch.sigmoid(beta * (kl - ratio))
+    elif loss_type == "apo_zero_unpaired":
+        kl = ratio.new_zeros(()).detach()
+        desirable_losses = 1 - torch.sigmoid(beta * ratio)
+        undesirable_losses = torch.sigmoid(beta * ratio)
+    else:
+        raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
+    losses = torch.where(desirable.to(torch.bool), desirable_weight * desirable_losses, undesirable_weight * undesirable_losses)
+    return losses, (beta * ratio).detach(), kl
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
