@@ -160,6 +160,9 @@ def test_kto_with_lora_from_the_command_line_raises_the_desirable_rewards(ws, ca
     assert after["logps/chosen"] > before["logps/chosen"] + 0.05  # desirable completions became likelier
     assert after["eval_loss"] < before["eval_loss"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(["eval", str(out), "--data", str(ws["val"])]) == 0  # the finished run, on the same examples
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["examples"] == 12 and abs(shown["rewards/margins"] - after["rewards/margins"]) < 1e-5
     assert main(["predict", str(out), "--input", str(ws["val"]), "--max-new-tokens", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 12 and all(line.startswith(("the film was\t", "the movie was\t")) for line in lines)
