@@ -38,12 +38,12 @@ from peftkit.train.tasks.base import Batch, Item, Task, _device_of
 from peftkit.train.tasks.preference import (
     BaseGuard,
     MetricSums,
-    _content,
     evaluate_means,
     generate_completions,
     record_line,
     render,
     report_bad,
+    text_of,
     trains_base_in_place,
 )
 from peftkit.train.tasks.text import TextModel
@@ -128,7 +128,7 @@ def check_unpaired(records: list[dict[str, Any]], path: str, data: UnpairedData,
         if missing:
             bad.append(f"{where}: no {' and no '.join(missing)} (columns {data.prompt_column!r}, {data.completion_column!r}, "
                        f"{data.label_column!r})")
-        elif not _content(completion).strip():
+        elif not text_of(completion).strip():
             bad.append(f"{where}: empty completion")
         elif desirable_of(label) is None:
             bad.append(f"{where}: label {label!r} is not a boolean (true/false or 1/0)")
@@ -350,7 +350,7 @@ class KTOTask(Task):
             yield f"{prompt}\t{completion}"
 
     def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
-        return _content(record.get(cfg.data.prompt_column))
+        return text_of(record.get(cfg.data.prompt_column))
 
     def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
         return [{cfg.data.prompt_column: line} for line in lines]

@@ -97,7 +97,7 @@ def pair_of(record: dict[str, Any], data: PairData) -> tuple[Any, Any, Any]:
     return record.get(data.prompt_column), record.get(data.chosen_column), record.get(data.rejected_column)
 
 
-def _content(value: Any) -> str:
+def text_of(value: Any) -> str:
     """The text of a completion: a string, or the contents of its messages."""
     if isinstance(value, list):
         return "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in value)
@@ -133,9 +133,9 @@ def check_pairs(records: list[dict[str, Any]], path: str, data: PairData, task: 
         if missing:
             bad.append(f"{where}: no {' and no '.join(missing)} (columns {data.prompt_column!r}, {data.chosen_column!r}, "
                        f"{data.rejected_column!r}, or OpenAI's input/preferred_output/non_preferred_output)")
-        elif not _content(chosen).strip() or not _content(rejected).strip():
-            bad.append(f"{where}: empty {'chosen' if not _content(chosen).strip() else 'rejected'} completion")
-        elif _content(chosen) == _content(rejected):
+        elif not text_of(chosen).strip() or not text_of(rejected).strip():
+            bad.append(f"{where}: empty {'chosen' if not text_of(chosen).strip() else 'rejected'} completion")
+        elif text_of(chosen) == text_of(rejected):
             bad.append(f"{where}: chosen is identical to rejected (the pair teaches nothing)")
     report_bad(bad, path, task)
 
@@ -145,16 +145,16 @@ def render(tokenizer: Any, prompt: Text, completion: Text | None = None) -> tupl
     template (the prompt with the assistant's turn opened); without a template each message
     is written ``role: content``."""
     if not isinstance(prompt, list):
-        return str(prompt), _content(completion)
-    turns = completion if isinstance(completion, list) else [{"role": "assistant", "content": _content(completion)}]
+        return str(prompt), text_of(completion)
+    turns = completion if isinstance(completion, list) else [{"role": "assistant", "content": text_of(completion)}]
     if getattr(tokenizer, "chat_template", None):
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         if completion is None:
             return head, ""
         whole = tokenizer.apply_chat_template(prompt + turns, tokenize=False)
-        return head, whole[len(head):] if whole.startswith(head) else _content(turns)
+        return head, whole[len(head):] if whole.startswith(head) else text_of(turns)
     head = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
-    return head, _content(turns)
+    return head, text_of(turns)
 
 
 def generate_completions(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> Iterator[str]:
@@ -399,7 +399,7 @@ class PreferenceTask(Task):
             yield f"{prompt}\t{completion}"
 
     def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
-        return _content(pair_of(record, cfg.data)[0])
+        return text_of(pair_of(record, cfg.data)[0])
 
     def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
         return [{cfg.data.prompt_column: line} for line in lines]
