@@ -263,3 +263,25 @@ def test_reference_with_adapters_off_is_the_untouched_base_without_a_copy(dpo, m
     assert before <= after
     added = sum(p.numel() * p.element_size() for p in model.parameters() if p.untyped_storage().data_ptr() not in before)
     assert 0 < added < 0.1 * base_bytes
+
+
+def test_dpo_with_sft_weight_equals_trls_sigmoid_plus_sft(dpo):
+    """RPO: DPO plus the chosen completions' NLL, TRL's loss_type [sigmoid, sft], loss_weights [1, w]."""
+    from peftkit.alignment import chosen_nll
+
+    tr = dpo.trainer
+    tr.loss_types, tr.loss_weights, tr.beta, tr.label_smoothing = ["sigmoid", "sft"], [1.0, 0.7], 0.1, 0.0
+    dpo.policy.zero_grad()
+    theirs = tr.compute_loss(dpo.policy, dict(dpo.batch))
+    theirs.backward()
+    their_grads = _grads(dpo.policy)
+    dpo.policy.zero_grad()
+    logps, tokens, ref_logps = _our_logps(dpo)
+    (c, r), (rc, rr), (tc, _) = logps.chunk(2), ref_logps.chunk(2), tokens.chunk(2)
+    losses, _, _ = dpo_loss(c, r, rc, rr, beta=0.1)
+    nll = chosen_nll(c, tc)
+    ours = (losses + 0.7 * nll).mean()
+    ours.backward()
+    assert float(nll) > 1.0  # the term is there: the NLL of a tiny random model's completions is large
+    assert abs(float(ours) - float(theirs)) < TOL
+    _close(_grads(dpo.policy), their_grads)

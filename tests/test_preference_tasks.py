@@ -255,3 +255,35 @@ def test_qlora_reference_is_the_quantised_base(ws):
     assert torch.equal(ours, expected) and not torch.allclose(policy.detach(), expected)
     policy.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_grpo_empty_reward_replaces_the_score_of_empty_completions(ws):
+    from peftkit.train.tasks.grpo import GRPOOptions, GRPOTask, PromptCollator
+
+    tok = ws["tok"]
+    model = tiny_word_llama(len(tok)).eval()
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 50.0  # every completion ends at once: no text
+    model.lm_head = head
+    batch = PromptCollator(tok.pad_token_id)([{"prompt_ids": tok("the film was", add_special_tokens=False)["input_ids"],
+                                                "prompt": "the film was"}] * 2)
+    for empty_reward, expected in ((None, 0.9), (0.0, 0.0), (-1.0, -1.0)):
+        task = GRPOTask()
+        task.opts = GRPOOptions(reward="f.py:f", num_generations=2, max_completion_length=4, empty_reward=empty_reward)
+        task.tokenizer, task.reward = tok, lambda prompts, completions: [0.9] * len(completions)
+        sample = task.sample(model, batch)
+        assert sample["texts"] == ["", "", "", ""]
+        assert sample["rewards"].tolist() == pytest.approx([expected] * 4)
+
+
+@pytest.mark.parametrize(("options", "message"), [({"sft_weight": -1.0}, "non-negative"),
+                                                  ({"sft_weight": 1.0, "loss_type": "orpo"}, "own likelihood term"),
+                                                  ({"sft_weight": 1.0, "loss_type": "simpo"}, "DPO family")])
+def test_sft_weight_is_checked(options, message):
+    from peftkit.train.tasks.preference import PreferenceOptions
+
+    with pytest.raises(ConfigError, match=message):
+        PreferenceOptions(**options)

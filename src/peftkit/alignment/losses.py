@@ -24,6 +24,7 @@ __all__ = [
     "GRPO_LOSS_TYPES",
     "KTO_LOSS_TYPES",
     "PREFERENCE_LOSS_TYPES",
+    "chosen_nll",
     "dpo_loss",
     "group_advantages",
     "grpo_loss",
@@ -40,6 +41,13 @@ PREFERENCE_LOSS_TYPES = (*DPO_LOSS_TYPES, "orpo", "simpo")
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 #: losses of unpaired examples labelled desirable or undesirable
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The negative log-likelihood of the chosen completions, mean per token over the batch
+    (ORPO's likelihood term; added to DPO it is RPO), from their summed log-probabilities
+    and token counts."""
+    return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
 
 
 def pairwise_reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,

@@ -55,6 +55,10 @@ class GRPOOptions:
         reward: a run folder (classifier or reward model) or ``file.py:function``.
         reward_label: a classifier run's class whose probability is the reward (default: its
             last class).
+        empty_reward: the reward of a completion with no text (only whitespace or the end
+            token), instead of the reward's own score of it. A classifier scores an empty
+            text like any other, often well, and a policy that learns to stop at once then
+            collects the prompt's score for nothing; ``0`` closes that path.
         num_generations: completions sampled per prompt (the group).
         temperature: the sampling temperature.
         max_completion_length: the most tokens a completion has.
@@ -69,6 +73,7 @@ class GRPOOptions:
 
     reward: str = path_field("")
     reward_label: str | None = None
+    empty_reward: float | None = None
     num_generations: int = 4
     temperature: float = 1.0
     max_completion_length: int = 32
@@ -283,6 +288,8 @@ class GRPOTask(Task):
         scores = self.reward(prompts, texts)
         if len(scores) != len(texts):
             raise ConfigError(f"task.reward returned {len(scores)} rewards for {len(texts)} completions")
+        if o.empty_reward is not None:
+            scores = [o.empty_reward if not text.strip() else s for s, text in zip(scores, texts, strict=True)]
         rewards = torch.tensor([float(s) for s in scores], dtype=torch.float32, device=completion_ids.device)
         grouped = rewards.view(-1, g)
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids, "completion_mask": mask,

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from peftkit.alignment.logprobs import completion_logps, disable_dropout, frozen_copy, reference_mode, unwrap
-from peftkit.alignment.losses import PREFERENCE_LOSS_TYPES, dpo_loss, orpo_loss, simpo_loss
+from peftkit.alignment.losses import PREFERENCE_LOSS_TYPES, chosen_nll, dpo_loss, orpo_loss, simpo_loss
 from peftkit.train.schema import ConfigError, DataSection, RunConfig
 from peftkit.train.tasks.base import Batch, Item, Task, _device_of
 from peftkit.train.tasks.text import TextModel
@@ -59,6 +59,10 @@ class PreferenceOptions:
             the same weights).
         max_prompt_length: keep at most the last this many prompt tokens (``model.max_length``
             bounds prompt plus completion).
+        sft_weight: for the DPO family, the weight of the chosen completions' negative
+            log-likelihood (mean per token over the batch) added to the loss: RPO, TRL's
+            ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, sft_weight]``. It keeps
+            the chosen completions likely while their margin grows (plain DPO can lower both).
     """
 
     loss_type: str = "sigmoid"
@@ -68,6 +72,7 @@ class PreferenceOptions:
     precompute_ref_logps: bool = False
     disable_dropout: bool = True
     max_prompt_length: int | None = None
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_type not in PREFERENCE_LOSS_TYPES:
@@ -78,6 +83,11 @@ class PreferenceOptions:
             raise ConfigError(f"task.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ConfigError(f"task.max_prompt_length must be at least 1 (or left out), got {self.max_prompt_length}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"task.sft_weight must be non-negative, got {self.sft_weight}")
+        if self.sft_weight and not self.uses_reference:
+            raise ConfigError(f"task.sft_weight applies to the DPO family; loss_type {self.loss_type!r} "
+                              f"{'has its own likelihood term (beta weighs the odds ratio)' if self.loss_type == 'orpo' else 'takes none'}")
         if self.precompute_ref_logps and self.loss_type in ("orpo", "simpo"):
             raise ConfigError(f"task.loss_type {self.loss_type!r} uses no reference; drop task.precompute_ref_logps")
 
@@ -415,8 +425,8 @@ class PreferenceTask(Task):
         if o.loss_type in ("orpo", "simpo"):
             chosen_mean, rejected_mean = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
             if o.loss_type == "orpo":
-                nll = -chosen.sum() / chosen_tokens.sum().clamp(min=1)
-                losses, chosen_rewards, rejected_rewards = orpo_loss(chosen_mean, rejected_mean, nll, beta=o.beta)
+                losses, chosen_rewards, rejected_rewards = orpo_loss(chosen_mean, rejected_mean, chosen_nll(chosen, chosen_tokens),
+                                                                     beta=o.beta)
             else:
                 losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_mean, rejected_mean, beta=o.beta, gamma=o.simpo_gamma,
                                                                       label_smoothing=o.label_smoothing)
@@ -433,6 +443,8 @@ class PreferenceTask(Task):
             losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=o.beta,
                                                                 loss_type=o.loss_type, label_smoothing=o.label_smoothing,
                                                                 chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+            if o.sft_weight:
+                losses = losses + o.sft_weight * chosen_nll(chosen, chosen_tokens)
             logged_chosen, logged_rejected = chosen, rejected
         return {"losses": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                 "rewards/margins": chosen_rewards - rejected_rewards,
