@@ -49,7 +49,7 @@ def test_steering_shortened(tmp_path):
     summary = json.loads((tmp_path / "sentiment" / "summary.json").read_text())
     assert summary["metric_after"]["accuracy"] > summary["metric_before"]["accuracy"] + 0.05
 
-    assert cli_main(["train", str(tmp_path / "dpo.yaml"), "--quiet", "train.lr=0.005"]) == 0
+    assert cli_main(["train", str(tmp_path / "dpo.yaml"), "--quiet"]) == 0
     dpo = _rows(tmp_path / "dpo" / "metrics.jsonl")
     train_rows = [r for r in dpo if "loss" in r]
     assert train_rows[-1]["rewards/margins"] > train_rows[0]["rewards/margins"]
