@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,27 @@ def test_causal_lm_prompt_response_loss_covers_response_only(tmp_path):
     assert item["labels"][n_prompt:] == item["input_ids"][n_prompt:]
     chat = enc.encode({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     assert chat["labels"][-1] != -100 and chat["labels"][0] == -100
+
+
+def test_causal_lm_encoder_in_one_call_equals_one_by_one():
+    from transformers import AutoTokenizer
+
+    from peftkit.train.tasks.text import CausalLMData, CausalLMEncoder
+
+    tok = AutoTokenizer.from_pretrained(minilm.get_model_path())
+    tok.eos_token = "[SEP]"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    records = [{"text": "a long story " * n} for n in range(12)]  # up to 36 tokens: some are cut at 16
+    records += [{"prompt": f"question {n}:" * n, "response": "an answer " * (n % 5)} for n in range(12)]
+    records += [{"prompt": "no response"}, {"messages": chat}, {"text": ""}]
+    random.Random(0).shuffle(records)  # the kinds interleaved
+    for eos in ("[SEP]", None):
+        tok.eos_token = eos
+        enc = CausalLMEncoder(tok, CausalLMData(train="x"), 16)
+        one_by_one = [enc(r) for r in records]
+        assert enc.encode_many(records) == one_by_one
+        assert enc.encode_many(records, chunk=5) == one_by_one
+    assert any(len(i["input_ids"]) == 16 for i in one_by_one) and any(-100 in i["labels"] for i in one_by_one)
 
 
 def test_classification_encoder_in_one_call_equals_one_by_one():
