@@ -204,6 +204,31 @@ def test_causal_lm_encoder_in_one_call_equals_one_by_one():
     assert any(len(i["input_ids"]) == 16 for i in one_by_one) and any(-100 in i["labels"] for i in one_by_one)
 
 
+def test_rows_average_the_micro_batch_losses_and_units_are_counted_after_the_loss(workspace, tmp_path, monkeypatch):
+    """The loop reads the losses from the device only when a row is written; a row is still the
+    mean of the micro-batch losses since the last one. A task's units are counted after its loss
+    (GRPO counts there the tokens it generated)."""
+    from peftkit.train.tasks.text import TextClassificationTask
+
+    seen: list[float] = []
+    original = TextClassificationTask.loss
+
+    def loss(task, model, batch):
+        out = original(task, model, batch)
+        seen.append(float(out.detach()))
+        return out
+
+    monkeypatch.setattr(TextClassificationTask, "loss", loss)
+    monkeypatch.setattr(TextClassificationTask, "units", lambda task, batch: len(seen))  # 1, 2, ... after each loss
+    raw = _config(workspace, tmp_path / "run", max_steps=3, grad_accum=2, log_every=2)
+    del raw["data"]["validation"]
+    summary = run_training(build_config(raw), quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3] and len(seen) == 6
+    assert [r["loss"] for r in rows] == [sum(seen[:4]) / 4, sum(seen[4:]) / 2]
+    assert round(summary["throughput"] * summary["train_seconds"]) == sum(range(1, 7))
+
+
 def test_classification_encoder_in_one_call_equals_one_by_one():
     from transformers import AutoTokenizer
 

@@ -411,12 +411,12 @@ def _train_step(run: Run, batch_ids: list[int], sync: bool) -> torch.Tensor:
     the device at every micro-batch instead of queueing the next one."""
     tick = time.perf_counter()
     host_batch = run.collate_shard_on_host(batch_ids)
-    run.state.units += run.task.units(host_batch) * run.world
     batch = to_device(host_batch, run.accelerator.device)
     with run.accelerator.no_sync(run.wrapped) if not sync else nullcontext(), run.accelerator.autocast():
         loss = run.task.loss(run.wrapped, batch)
         reg = _regulariser(run.named, run.reference, run.cfg)
         run.accelerator.backward((loss + reg if reg is not None else loss) / run.cfg.train.grad_accum)
+    run.state.units += run.task.units(host_batch) * run.world  # after the loss: a task may count what it generated
     run.state.train_seconds += time.perf_counter() - tick
     return loss.detach()
 
