@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,52 @@ def test_causal_lm_prompt_response_loss_covers_response_only(tmp_path):
     assert item["labels"][n_prompt:] == item["input_ids"][n_prompt:]
     chat = enc.encode({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     assert chat["labels"][-1] != -100 and chat["labels"][0] == -100
+
+
+def test_causal_lm_encoder_in_one_call_equals_one_by_one():
+    from transformers import AutoTokenizer
+
+    from peftkit.train.tasks.text import CausalLMData, CausalLMEncoder
+
+    tok = AutoTokenizer.from_pretrained(minilm.get_model_path())
+    tok.eos_token = "[SEP]"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    records = [{"text": "a long story " * n} for n in range(12)]  # up to 36 tokens: some are cut at 16
+    records += [{"prompt": f"question {n}:" * n, "response": "an answer " * (n % 5)} for n in range(12)]
+    records += [{"prompt": "no response"}, {"messages": chat}, {"text": ""}]
+    random.Random(0).shuffle(records)  # the kinds interleaved
+    for eos in ("[SEP]", None):
+        tok.eos_token = eos
+        enc = CausalLMEncoder(tok, CausalLMData(train="x"), 16)
+        one_by_one = [enc(r) for r in records]
+        assert enc.encode_many(records) == one_by_one
+        assert enc.encode_many(records, chunk=5) == one_by_one
+    assert any(len(i["input_ids"]) == 16 for i in one_by_one) and any(-100 in i["labels"] for i in one_by_one)
+
+
+def test_rows_average_the_micro_batch_losses_and_units_are_counted_after_the_loss(workspace, tmp_path, monkeypatch):
+    """The loop reads the losses from the device only when a row is written; a row is still the
+    mean of the micro-batch losses since the last one. A task's units are counted after its loss
+    (GRPO counts there the tokens it generated)."""
+    from peftkit.train.tasks.text import TextClassificationTask
+
+    seen: list[float] = []
+    original = TextClassificationTask.loss
+
+    def loss(task, model, batch):
+        out = original(task, model, batch)
+        seen.append(float(out.detach()))
+        return out
+
+    monkeypatch.setattr(TextClassificationTask, "loss", loss)
+    monkeypatch.setattr(TextClassificationTask, "units", lambda task, batch: len(seen))  # 1, 2, ... after each loss
+    raw = _config(workspace, tmp_path / "run", max_steps=3, grad_accum=2, log_every=2)
+    del raw["data"]["validation"]
+    summary = run_training(build_config(raw), quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3] and len(seen) == 6
+    assert [r["loss"] for r in rows] == [sum(seen[:4]) / 4, sum(seen[4:]) / 2]
+    assert round(summary["throughput"] * summary["train_seconds"]) == sum(range(1, 7))
 
 
 def test_classification_encoder_in_one_call_equals_one_by_one():

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 
 def _load_run(run_dir: str) -> tuple[Any, Any]:
@@ -437,5 +437,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``peftkit`` program: :func:`main`, then exit. Before the interpreter exits, the objects
+    still alive (torch's and transformers' modules, the model) are frozen (``gc.freeze``): the
+    collections of the interpreter's teardown would otherwise walk all of them: after a ``peftkit
+    train`` of MiniLM the process took 1.0–1.3 s to exit, 0.2 s frozen. Exit handlers still run."""
+    import gc
+
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

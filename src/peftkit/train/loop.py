@@ -61,7 +61,10 @@ class RunState:
     stopped_early: bool = False
     finished: bool = False
     pending_eval: bool = False  # the step just taken is due an evaluation not yet made
-    loss_window: list[float] = field(default_factory=list)  # micro-batch losses since the last logged row
+    # micro-batch losses since the last logged row: floats, or detached loss tensors not yet read
+    # (read when the row is written, so that the host waits for the device once per row, not once
+    # per micro-batch)
+    loss_window: list[Any] = field(default_factory=list)
     units: int = 0
     train_seconds: float = 0.0
     metric_before: dict[str, float] | None = None
@@ -187,7 +190,7 @@ class Run:
         self.scheduler: Any = None
         self.round_steps = 0
         self.eval_every = 1
-        self.micro_losses: list[float] = []  # losses of the micro-batches of a step not yet taken
+        self.micro_losses: list[torch.Tensor] = []  # losses of the micro-batches of a step not yet taken
         self.saved_at = time.monotonic()
         self.interrupts = Interrupts()
         self.out = cfg.output_dir
@@ -235,8 +238,12 @@ class Run:
         return torch.cat(out) if out else torch.zeros(0, len(self.labels or []))
 
     def collate_shard(self, batch_ids: list[int]) -> Any:
+        return to_device(self.collate_shard_on_host(batch_ids), self.accelerator.device)
+
+    def collate_shard_on_host(self, batch_ids: list[int]) -> Any:
+        """This process's shard of the batch ``batch_ids``, collated, before it moves to the device."""
         shard = batch_ids[self.rank * len(batch_ids) // self.world : (self.rank + 1) * len(batch_ids) // self.world]
-        return to_device(self.parts.collate([self.train_items[i] for i in shard]), self.accelerator.device)
+        return self.parts.collate([self.train_items[i] for i in shard])
 
     def use_records(self, extra: list[dict[str, Any]]) -> None:
         """Trains on the labelled records plus ``extra`` from now on."""
@@ -398,17 +405,20 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _train_step(run: Run, batch_ids: list[int], sync: bool) -> float:
-    """Forward and backward on one micro-batch; returns its loss."""
+def _train_step(run: Run, batch_ids: list[int], sync: bool) -> torch.Tensor:
+    """Forward and backward on one micro-batch; returns its loss, detached and not read: on a
+    GPU, reading it (or counting the batch's tokens on the device) would make the host wait for
+    the device at every micro-batch instead of queueing the next one."""
     tick = time.perf_counter()
-    batch = run.collate_shard(batch_ids)
+    host_batch = run.collate_shard_on_host(batch_ids)
+    batch = to_device(host_batch, run.accelerator.device)
     with run.accelerator.no_sync(run.wrapped) if not sync else nullcontext(), run.accelerator.autocast():
         loss = run.task.loss(run.wrapped, batch)
         reg = _regulariser(run.named, run.reference, run.cfg)
         run.accelerator.backward((loss + reg if reg is not None else loss) / run.cfg.train.grad_accum)
-    run.state.units += run.task.units(batch) * run.world
+    run.state.units += run.task.units(host_batch) * run.world  # after the loss: a task may count what it generated
     run.state.train_seconds += time.perf_counter() - tick
-    return float(loss.detach())
+    return loss.detach()
 
 
 def _optimizer_step(run: Run) -> None:
@@ -434,13 +444,20 @@ def _log_step(run: Run) -> None:
     """The training row of ``metrics.jsonl`` when one is due: the mean loss since the last."""
     state, step, end = run.state, run.state.step, run.total_steps
     if step % run.cfg.train.log_every == 0 or step == end:
+        tick = time.perf_counter()
+        losses, state.loss_window = _read_losses(state.loss_window), []  # the host waits for the device here
+        state.train_seconds += time.perf_counter() - tick  # the steps' device time that it waited for
         lr = run.scheduler.get_last_lr()[0]
         rate = state.units / max(state.train_seconds, 1e-9)
-        losses, state.loss_window = state.loss_window, []
         row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, f"{run.task.unit}_per_second": rate}
         _record(run, {**row, **run.task.train_metrics()})
         own = state.history[-1]
         run.progress.show(step, end, own["loss"], lr, rate, {k: own[k] for k in run.task.progress_metrics if k in own})
+
+
+def _read_losses(values: list[Any]) -> list[float]:
+    """Losses as floats (detached loss tensors read from their device)."""
+    return [float(v) for v in values]
 
 
 def _after_step(run: Run) -> None:
@@ -562,6 +579,7 @@ def _save_checkpoint(run: Run) -> None:
 def _write_checkpoint(run: Run) -> None:
     if run.main:
         run.state.hooks = {"list": [h.state_dict() for h in run.hooks]}
+        run.state.loss_window = _read_losses(run.state.loss_window)  # a checkpoint holds numbers, not device tensors
         path = os.path.join(run.out, CHECKPOINT)
         os.makedirs(run.out, exist_ok=True)
         tmp, old = path + ".tmp", path + ".old"

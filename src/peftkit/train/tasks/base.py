@@ -240,7 +240,9 @@ class Task:
         return 1
 
     def units(self, batch: Batch) -> int:
-        """What the throughput counts in ``batch`` (examples unless a task says otherwise)."""
+        """What the throughput counts in ``batch`` (examples unless a task says otherwise). The
+        training loop calls it after the batch's loss, with the batch as collated (before it
+        moved to the device, so that counting does not wait for the device)."""
         first = next(iter(batch.values()))
         return int(first.shape[0])
 

