@@ -181,16 +181,23 @@ def perplexity(model, tok, texts: list[str]) -> float:
     return math.exp(total / count)
 
 
-def pretrain(out: str, steps: int, size: str, seed: int, batch_size: int = 32, lr: float = 6e-4) -> dict:
-    """Trains the review writer from scratch: AdamW, linear warm-up over 5 % of ``steps`` then
-    cosine decay to a tenth, length-grouped batches, gradient clipping at 1."""
+def pretrain(out: str, steps: int, size: str, seed: int, batch_size: int = 32, lr: float = 6e-4, more: bool = False) -> dict:
+    """Trains the review writer from scratch (or, with ``more``, the one in ``out/lm`` further):
+    AdamW, linear warm-up over 5 % of ``steps`` then cosine decay to a tenth, length-grouped
+    batches, gradient clipping at 1."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     tok = _tokenizer(out)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, bos_token_id=tok.eos_token_id,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SIZES[size]))
+    previous = None
+    if more:
+        model = GPT2LMHeadModel.from_pretrained(os.path.join(out, "lm"))
+        with open(os.path.join(out, "lm_report.json"), encoding="utf-8") as fh:
+            previous = json.load(fh)
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, bos_token_id=tok.eos_token_id,
+                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SIZES[size]))
     params = sum(p.numel() for p in model.parameters())
     rows = _encode(tok, _texts(os.path.join(out, "lm_train.jsonl")))
     val = _texts(os.path.join(out, "lm_val.jsonl"))
@@ -201,7 +208,7 @@ def pretrain(out: str, steps: int, size: str, seed: int, batch_size: int = 32, l
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-    start, step, seen, recent, rng = time.monotonic(), 0, 0, [], random.Random(seed)
+    start, step, seen, recent, rng = time.monotonic(), 0, 0, [], random.Random(seed + (previous["steps"] if previous else 0))
     model.train()
     while step < steps:
         for rows_ in _grouped(rows, batch_size, rng):
@@ -224,10 +231,13 @@ def pretrain(out: str, steps: int, size: str, seed: int, batch_size: int = 32, l
     folder = os.path.join(out, "lm")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    report = {"parameters": params, "steps": steps, "epochs": round(seen / sum(map(len, rows)), 2), "minutes": round(minutes, 2),
+    epochs = seen / sum(map(len, rows))
+    if previous:
+        steps, epochs, minutes = steps + previous["steps"], epochs + previous["epochs"], minutes + previous["minutes"]
+    report = {"parameters": params, "steps": steps, "epochs": round(epochs, 2), "minutes": round(minutes, 2),
               "threads": torch.get_num_threads(), "validation_perplexity": ppl}
     _dump(os.path.join(out, "lm_report.json"), report)
-    print(f"{steps} steps in {minutes:.1f} min; validation perplexity {ppl:.1f}; saved {folder}")
+    print(f"{steps} steps in all, {minutes:.1f} min; validation perplexity {ppl:.1f}; saved {folder}")
     return report
 
 
@@ -284,6 +294,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/steer")
     parser.add_argument("--steps", type=int, default=1000, help="pre-training steps (batches of 32 sentences)")
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="small: 12 M parameters; tiny: for tests")
+    parser.add_argument("--more", action="store_true", help="pretrain: train the writer in OUT/lm further (a new warm-up and decay)")
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--runs", default="dpo,grpo")
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -298,7 +309,7 @@ def main() -> None:
     if args.step == "prepare":
         prepare(args.out, args.pairs, args.seed)
     elif args.step == "pretrain":
-        pretrain(args.out, args.steps, args.size, args.seed)
+        pretrain(args.out, args.steps, args.size, args.seed, more=args.more)
     else:
         evaluate(args.out, [r for r in args.runs.split(",") if r], args.seed, args.new_tokens, args.prompts)
 
