@@ -69,16 +69,23 @@ def _our_logps(d):
     return logps, tokens, ref_logps
 
 
-@pytest.mark.parametrize(("loss_type", "beta", "smoothing"), [("sigmoid", 0.1, 0.0), ("hinge", 0.5, 0.0), ("ipo", 0.1, 0.0),
-                                                              ("robust", 0.3, 0.2)])
-def test_dpo_losses_and_gradients_equal_trl(dpo, loss_type, beta, smoothing):
+def _trl_dpo(dpo, loss_types, loss_weights, beta, smoothing=0.0):
+    """TRL's DPO loss on the fixture's batch and its gradients (the policy's grads zeroed after)."""
     tr = dpo.trainer
-    tr.loss_types, tr.loss_weights, tr.beta, tr.label_smoothing = [loss_type], [1.0], beta, smoothing
+    tr.loss_types, tr.loss_weights, tr.beta, tr.label_smoothing = loss_types, loss_weights, beta, smoothing
     dpo.policy.zero_grad()
     theirs = tr.compute_loss(dpo.policy, dict(dpo.batch))
     theirs.backward()
     their_grads = _grads(dpo.policy)
     dpo.policy.zero_grad()
+    return theirs, their_grads
+
+
+@pytest.mark.parametrize(("loss_type", "beta", "smoothing"), [("sigmoid", 0.1, 0.0), ("hinge", 0.5, 0.0), ("ipo", 0.1, 0.0),
+                                                              ("robust", 0.3, 0.2)])
+def test_dpo_losses_and_gradients_equal_trl(dpo, loss_type, beta, smoothing):
+    tr = dpo.trainer
+    theirs, their_grads = _trl_dpo(dpo, [loss_type], [1.0], beta, smoothing)
     logps, tokens, ref_logps = _our_logps(dpo)
     (c, r), (rc, rr), (tc, tr_) = logps.chunk(2), ref_logps.chunk(2), tokens.chunk(2)
     losses, chosen_rewards, rejected_rewards = dpo_loss(c, r, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=smoothing,
@@ -269,13 +276,7 @@ def test_dpo_with_sft_weight_equals_trls_sigmoid_plus_sft(dpo):
     """RPO: DPO plus the chosen completions' NLL, TRL's loss_type [sigmoid, sft], loss_weights [1, w]."""
     from peftkit.alignment import chosen_nll
 
-    tr = dpo.trainer
-    tr.loss_types, tr.loss_weights, tr.beta, tr.label_smoothing = ["sigmoid", "sft"], [1.0, 0.7], 0.1, 0.0
-    dpo.policy.zero_grad()
-    theirs = tr.compute_loss(dpo.policy, dict(dpo.batch))
-    theirs.backward()
-    their_grads = _grads(dpo.policy)
-    dpo.policy.zero_grad()
+    theirs, their_grads = _trl_dpo(dpo, ["sigmoid", "sft"], [1.0, 0.7], 0.1)
     logps, tokens, ref_logps = _our_logps(dpo)
     (c, r), (rc, rr), (tc, _) = logps.chunk(2), ref_logps.chunk(2), tokens.chunk(2)
     losses, _, _ = dpo_loss(c, r, rc, rr, beta=0.1)
