@@ -39,6 +39,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 VOCAB, HIDDEN, LAYERS, PROMPT, COMPLETION, PAIRS = 8192, 256, 4, 64, 64, 4
+INTERMEDIATE = 688  # set with HIDDEN by --hidden: about 2.7 × the width, as here
 
 
 def build_base():
@@ -47,7 +48,7 @@ def build_base():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
-                      intermediate_size=688, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+                      intermediate_size=INTERMEDIATE, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1)
     return LlamaForCausalLM(cfg)
 
 
@@ -177,14 +178,20 @@ def grpo_child(side: str, threads: int, rounds: int = 3) -> dict:
 
 
 def main() -> None:
+    global HIDDEN, LAYERS, INTERMEDIATE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-grpo", action="store_true")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="the decoder's width (the reference copy grows with it)")
+    parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--child", default=None)
     parser.add_argument("--grpo-child", default=None)
     args = parser.parse_args()
+    if (args.hidden, args.layers) != (HIDDEN, LAYERS):
+        HIDDEN, LAYERS, INTERMEDIATE = args.hidden, args.layers, round(args.hidden * 2.6875 / 16) * 16
+    size = ["--hidden", str(args.hidden), "--layers", str(args.layers)]
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.threads)))
         return
@@ -198,7 +205,7 @@ def main() -> None:
     for round_ in range(args.pairs + 1):
         order = sides if round_ % 2 == 0 else sides[::-1]
         for side in order:
-            out = run_child(__file__, ["--child", side, "--steps", str(args.steps), "--threads", str(args.threads)])
+            out = run_child(__file__, ["--child", side, "--steps", str(args.steps), "--threads", str(args.threads), *size])
             if round_:
                 results[side].append(out)
     first = {s: results[s][0]["losses"][0] for s in sides}
@@ -218,12 +225,13 @@ def main() -> None:
         grpo: dict[str, list[float]] = {"peftkit": [], "trl": []}
         for round_ in range(args.pairs):
             for side in (["peftkit", "trl"] if round_ % 2 == 0 else ["trl", "peftkit"]):
-                grpo[side].append(run_child(__file__, ["--grpo-child", side, "--threads", str(args.threads)])["tokens_per_second"])
+                grpo[side].append(run_child(__file__, ["--grpo-child", side, "--threads", str(args.threads), *size])["tokens_per_second"])
         r = ratio_summary(grpo["peftkit"], grpo["trl"])
         report["grpo_sampling"] = {"runs": grpo, "ratio": r}
         print(f"GRPO sampling tokens/s peftkit / trl: {fmt_ratio(r)}  (peftkit {statistics.median(grpo['peftkit']):.0f}, "
               f"trl {statistics.median(grpo['trl']):.0f} tokens/s)")
-    write_json(os.path.join(HERE, "preference.json"), report)
+    name = "preference.json" if (args.hidden, args.layers) == (256, 4) else f"preference_h{args.hidden}_l{args.layers}.json"
+    write_json(os.path.join(HERE, name), report)
 
 
 if __name__ == "__main__":
