@@ -29,8 +29,10 @@ from peftkit.train.tasks.base import Batch, Item, Task, _device_of, logits_of
 from peftkit.train.tasks.preference import (
     BaseGuard,
     MetricSums,
-    generate_completions,
+    evaluate_means,
+    predicted_lines,
     record_line,
+    reference_on,
     render,
     report_bad,
     trains_base_in_place,
@@ -251,9 +253,7 @@ class GRPOTask(Task):
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
                 labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
         prompts = [render(processor, prompt_of(r, cfg.data) or "")[0] for r in records]
-        for prompt, completion in zip(prompts, generate_completions(model, processor, prompts, options.get("max_new_tokens", 32)),
-                                      strict=True):
-            yield f"{prompt}\t{completion}"
+        return predicted_lines(model, processor, prompts, options)
 
     def read_inputs(self, lines: list[str], cfg: RunConfig) -> list[dict[str, Any]]:
         return [{cfg.data.prompt_column: line} for line in lines]
@@ -309,7 +309,7 @@ class GRPOTask(Task):
         if o.beta:
             if self.reference is None:
                 self.guard.check(model)
-            with reference_mode(model, self._reference_on(ids.device)) as reference:
+            with reference_mode(model, reference_on(self.reference, ids.device)) as reference:
                 ref = per_token_logps(reference, ids, mask, logits_to_keep=keep, temperature=o.temperature)
         loss, metrics = grpo_loss(logps, logps.detach(), advantages, s["completion_mask"], ref_logps=ref, beta=o.beta,
                                   epsilon_low=o.epsilon, epsilon_high=o.epsilon_high or o.epsilon, loss_type=o.loss_type,
@@ -320,10 +320,6 @@ class GRPOTask(Task):
                                  **({"kl": metrics["kl"]} if "kl" in metrics else {})})
         return loss
 
-    def _reference_on(self, device: torch.device) -> Any:
-        if self.reference is not None and _device_of(self.reference) != device:
-            self.reference.to(device)
-        return self.reference
 
     def train_metrics(self) -> dict[str, float]:
         return self.train_sums.means()
@@ -332,19 +328,12 @@ class GRPOTask(Task):
                  batch_size: int, accelerator: Any = None) -> dict[str, float]:
         """The mean reward (and its spread within groups, and the completion length) of
         completions sampled for the validation prompts, from a fixed seed."""
-        was_training = model.training
-        model.eval()
-        world = accelerator.num_processes if accelerator else 1
         rank = accelerator.process_index if accelerator else 0
         device = accelerator.device if accelerator else _device_of(model)
-        sums = MetricSums()
+        keys = ["reward", "reward_std", "completions/mean_length"]
+
+        def metrics_of(batch: Batch) -> dict[str, torch.Tensor]:
+            return {k: v for k, v in self.sample(model, batch)["metrics"].items() if k in keys}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed + rank)
-            for batch in self.batches(items[rank::world], collate, batch_size, device):
-                sums.add({k: v for k, v in self.sample(model, batch)["metrics"].items() if k != "frac_reward_zero_std"})
-        keys = ["reward", "reward_std", "completions/mean_length"]
-        totals = torch.tensor([[sums.sums.get(k, 0.0), sums.counts.get(k, 0)] for k in keys], dtype=torch.float64, device=device)
-        if accelerator is not None and world > 1:
-            totals = accelerator.reduce(totals, "sum")
-        model.train(was_training)
-        return {k: float(s / max(c, 1)) for k, (s, c) in zip(keys, totals.tolist(), strict=True)}
+            return evaluate_means(self, model, items, collate, batch_size, accelerator, metrics_of, keys)

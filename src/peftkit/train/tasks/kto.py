@@ -34,13 +34,15 @@ import torch
 from peftkit.alignment.logprobs import completion_logps, disable_dropout, frozen_copy, reference_mode
 from peftkit.alignment.losses import KTO_LOSS_TYPES, kto_loss
 from peftkit.train.schema import ConfigError, DataSection, RunConfig
-from peftkit.train.tasks.base import Batch, Item, Task, _device_of
+from peftkit.train.tasks.base import Batch, Item, Task
 from peftkit.train.tasks.preference import (
     BaseGuard,
     MetricSums,
+    encoded_splits,
     evaluate_means,
-    generate_completions,
+    predicted_lines,
     record_line,
+    reference_on,
     render,
     report_bad,
     text_of,
@@ -283,17 +285,7 @@ class KTOTask(Task):
         """The run's training and validation items, checked: a prompt that leaves no room for
         a completion after truncation is an error naming every such record; the balance of
         the two kinds is compared with the KTO paper's advice."""
-        from peftkit.train.data import prepare_task_data
-
-        data = prepare_task_data(self, cfg.data, cfg.train.seed)
-        out = []
-        for records, path in ((data.train, cfg.data.train), (data.validation, cfg.data.validation or cfg.data.train)):
-            items = [encode(r) for r in records]
-            bad = [f"{record_line(path, n)}: the prompt takes all {cfg.model.max_length} tokens of model.max_length, leaving "
-                   "no room for a completion (raise model.max_length or set task.max_prompt_length)"
-                   for n, item in enumerate(items) if item["no_room"]]
-            report_bad(bad, path, self.name)
-            out.append(items)
+        out = encoded_splits(self, cfg, encode)
         good = sum(i["desirable"] for i in out[0])
         ratio = self.opts.desirable_weight * good / (self.opts.undesirable_weight * (len(out[0]) - good))
         if not 1.0 <= round(ratio, 2) <= 1.33:
@@ -345,9 +337,7 @@ class KTOTask(Task):
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
                 labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
         prompts = [render(processor, r.get(cfg.data.prompt_column) or "")[0] for r in records]
-        for prompt, completion in zip(prompts, generate_completions(model, processor, prompts, options.get("max_new_tokens", 32)),
-                                      strict=True):
-            yield f"{prompt}\t{completion}"
+        return predicted_lines(model, processor, prompts, options)
 
     def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
         return text_of(record.get(cfg.data.prompt_column))
@@ -372,7 +362,7 @@ class KTOTask(Task):
         else:
             if self.reference is None:
                 self.guard.check(model)
-            with reference_mode(model, self._reference_on(ids.device)) as ref:
+            with reference_mode(model, reference_on(self.reference, ids.device)) as ref:
                 ref_logps, _ = completion_logps(ref, ids, mask, completion)
                 ref_kl_logps = self._kl_logps(ref, batch) if o.uses_kl else None
         losses, rewards, kl = kto_loss(logps, ref_logps, batch["desirable"], kl_logps, ref_kl_logps, beta=o.beta,
@@ -381,10 +371,6 @@ class KTOTask(Task):
         return {"losses": losses, "rewards": rewards, "logps": logps.detach(), "kl": kl.reshape(1),
                 "desirable": batch["desirable"]}
 
-    def _reference_on(self, device: torch.device) -> Any:
-        if self.reference is not None and _device_of(self.reference) != device:
-            self.reference.to(device)
-        return self.reference
 
     def loss(self, model: Any, batch: Batch) -> torch.Tensor:
         out = self.outputs(model, batch)

@@ -183,6 +183,37 @@ def generate_completions(model: Any, tokenizer: Any, prompts: list[str], max_new
         tokenizer.padding_side = side
 
 
+def predicted_lines(model: Any, tokenizer: Any, prompts: list[str], options: dict[str, Any]) -> Iterator[str]:
+    """``peftkit predict``'s lines for a causal LM: each prompt, a tab, its greedy completion."""
+    completions = generate_completions(model, tokenizer, prompts, options.get("max_new_tokens", 32))
+    for prompt, completion in zip(prompts, completions, strict=True):
+        yield f"{prompt}\t{completion}"
+
+
+def reference_on(reference: Any, device: torch.device) -> Any:
+    """A frozen reference copy (or None: the adapters switched off) moved to ``device``."""
+    if reference is not None and _device_of(reference) != device:
+        reference.to(device)
+    return reference
+
+
+def encoded_splits(task: Task, cfg: RunConfig, encode: Callable[[dict[str, Any]], Item]) -> list[list[Item]]:
+    """The run's training and validation items, checked: a prompt that leaves no room for a
+    completion after truncation (``item["no_room"]``) is an error naming every such record."""
+    from peftkit.train.data import prepare_task_data
+
+    data = prepare_task_data(task, cfg.data, cfg.train.seed)
+    out = []
+    for records, path in ((data.train, cfg.data.train), (data.validation, cfg.data.validation or cfg.data.train)):
+        items = [encode(r) for r in records]
+        bad = [f"{record_line(path, n)}: the prompt takes all {cfg.model.max_length} tokens of model.max_length, leaving "
+               "no room for a completion (raise model.max_length or set task.max_prompt_length)"
+               for n, item in enumerate(items) if item["no_room"]]
+        report_bad(bad, path, task.name)
+        out.append(items)
+    return out
+
+
 class PairEncoder:
     """A pair as token ids: the prompt (its last ``max_prompt_length`` tokens) followed by each
     completion and the end-of-text token, cut to ``max_length``. Items that leave no room for
@@ -346,28 +377,13 @@ class PreferenceTask(Task):
         if self.opts.disable_dropout:
             disable_dropout(model)
         encode = PairEncoder(tokenizer, cfg.data, cfg.model.max_length, self.opts.max_prompt_length)
-        splits = self._encoded_splits(cfg, encode)
+        splits = encoded_splits(self, cfg, encode)
         self.cached = self._reference_logps(model, tokenizer, splits, cfg) if self.opts.precompute_ref_logps else None
         needs_copy = self.opts.uses_reference and not self.opts.precompute_ref_logps and trains_base_in_place(cfg)
         self.reference = frozen_copy(model) if needs_copy else None
         self.guard = BaseGuard(model)
         return model, tokenizer
 
-    def _encoded_splits(self, cfg: RunConfig, encode: PairEncoder) -> list[list[Item]]:
-        """The run's training and validation items, checked: a prompt that leaves no room for
-        a completion after truncation is an error naming every such record."""
-        from peftkit.train.data import prepare_task_data
-
-        data = prepare_task_data(self, cfg.data, cfg.train.seed)
-        out = []
-        for records, path in ((data.train, cfg.data.train), (data.validation, cfg.data.validation or cfg.data.train)):
-            items = [encode(r) for r in records]
-            bad = [f"{record_line(path, n)}: the prompt takes all {cfg.model.max_length} tokens of model.max_length, leaving "
-                   "no room for a completion (raise model.max_length or set task.max_prompt_length)"
-                   for n, item in enumerate(items) if item["no_room"]]
-            report_bad(bad, path, self.name)
-            out.append(items)
-        return out
 
     @torch.no_grad()
     def _reference_logps(self, model: Any, tokenizer: Any, splits: list[list[Item]], cfg: RunConfig) -> dict[tuple, tuple[float, float]]:
@@ -404,9 +420,7 @@ class PreferenceTask(Task):
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]], cfg: RunConfig,
                 labels: list[Any] | None, options: dict[str, Any]) -> Iterator[str]:
         prompts = [render(processor, pair_of(r, cfg.data)[0] or "")[0] for r in records]
-        for prompt, completion in zip(prompts, generate_completions(model, processor, prompts, options.get("max_new_tokens", 32)),
-                                      strict=True):
-            yield f"{prompt}\t{completion}"
+        return predicted_lines(model, processor, prompts, options)
 
     def describe(self, record: dict[str, Any], cfg: RunConfig) -> str:
         return text_of(pair_of(record, cfg.data)[0])
@@ -437,7 +451,7 @@ class PreferenceTask(Task):
             else:
                 if self.reference is None:
                     self.guard.check(model)
-                with reference_mode(model, self._reference_on(ids.device)) as ref:
+                with reference_mode(model, reference_on(self.reference, ids.device)) as ref:
                     ref_logps, _ = completion_logps(ref, ids, mask, completion)
                 ref_chosen, ref_rejected = ref_logps.chunk(2)
             losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=o.beta,
@@ -451,10 +465,6 @@ class PreferenceTask(Task):
                 "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                 "logps/chosen": logged_chosen.detach(), "logps/rejected": logged_rejected.detach()}
 
-    def _reference_on(self, device: torch.device) -> Any:
-        if self.reference is not None and _device_of(self.reference) != device:
-            self.reference.to(device)
-        return self.reference
 
     def loss(self, model: Any, batch: Batch) -> torch.Tensor:
         out = self.pair_outputs(model, batch)
