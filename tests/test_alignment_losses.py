@@ -237,6 +237,38 @@ def test_grpo_loss_and_gradients_equal_trl(grpo, loss_type, beta, correction):
         assert abs(logged["kl"][-1] - float(metrics["kl"])) < TOL
 
 
+# -- log-probabilities on the completion's positions only -------------------------------------------
+class _AllLogits(torch.nn.Module):
+    """A causal LM whose forward takes no ``logits_to_keep``: the output head runs everywhere."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_completion_logps_from_the_kept_positions_equal_those_of_every_position(dpo):
+    """The output head computed on the completion's positions only (``logits_to_keep``) gives
+    the log-probabilities and gradients of the head on every position; prompts of different
+    lengths in one batch (the shortest decides what is kept)."""
+    tok = word_tokenizer()
+    model = tiny_word_llama(len(tok), seed=3)
+    b = dpo.batch
+    assert len(set(b["completion_mask"].argmax(-1).tolist())) > 1  # the rows' completions start at different places
+    kept, kept_tokens = completion_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"])
+    kept.sum().backward()
+    kept_grads = _grads(model)
+    model.zero_grad()
+    full, full_tokens = completion_logps(_AllLogits(model), b["input_ids"], b["attention_mask"], b["completion_mask"])
+    full.sum().backward()
+    # the same sums over the same tokens; only the head's matrix product runs on fewer rows
+    assert torch.equal(kept_tokens, full_tokens) and bool((full < 0).all())
+    torch.testing.assert_close(kept, full, atol=TOL, rtol=1e-5)
+    _close(kept_grads, _grads(model))
+
+
 # -- the reference is the base, with no copy -----------------------------------------------------
 def _storage_ptrs(model) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()} | {b.untyped_storage().data_ptr() for b in model.buffers()}

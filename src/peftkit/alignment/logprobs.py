@@ -10,6 +10,7 @@ fine-tuning) has no such switch; its caller keeps a frozen copy (:func:`frozen_c
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -33,11 +34,18 @@ def per_token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     distribution sampled from (logits divided by it), as GRPO scores its own samples.
 
     The log-softmax is taken in float32 one row at a time: a token's log-probability is its
-    logit minus the log-sum-exp of the row, without a second vocabulary-sized tensor."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    logit minus the log-sum-exp of the row, without a second vocabulary-sized tensor. A model
+    whose forward takes ``logits_to_keep`` (transformers' causal LMs) computes the output
+    head on the kept positions only."""
     targets = input_ids[:, 1:]
-    if logits_to_keep is not None:
-        logits, targets = logits[:, -logits_to_keep:], targets[:, -logits_to_keep:]
+    if logits_to_keep is not None and _keeps_logits(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=logits_to_keep + 1).logits[:, :-1]
+        targets = targets[:, -logits_to_keep:]
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        if logits_to_keep is not None:
+            logits, targets = logits[:, -logits_to_keep:], targets[:, -logits_to_keep:]
     rows = []
     for row_logits, row_targets in zip(logits, targets, strict=True):
         row_logits = row_logits.float() if temperature == 1.0 else row_logits.float() / temperature
@@ -59,8 +67,21 @@ def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
         ``(logps, tokens)``, each ``(batch,)``.
     """
     scored = completion_mask[:, 1:].to(torch.float32)
-    logps = per_token_logps(model, input_ids, attention_mask)
-    return (logps * scored).sum(-1), scored.sum(-1)
+    starts = completion_mask.to(torch.float32).argmax(-1)  # each row's first completion token
+    keep = int(input_ids.shape[1] - starts.min().clamp(min=1))  # no logits for what only prompts need
+    logps = per_token_logps(model, input_ids, attention_mask, logits_to_keep=keep)
+    return (logps * scored[:, -keep:]).sum(-1), scored.sum(-1)
+
+
+def _keeps_logits(model: Any) -> bool:
+    """Whether the causal LM inside ``model`` (a peftkit ``PeftModel``, a data-parallel wrapper
+    or a plain transformers model) takes ``logits_to_keep``."""
+    inner = unwrap(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @contextmanager

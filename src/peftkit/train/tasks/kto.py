@@ -355,16 +355,16 @@ class KTOTask(Task):
         """Per-example losses, rewards and log-probabilities, and the batch's KL estimate."""
         o = self.opts
         ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-        logps, _ = completion_logps(model, ids, mask, completion)
-        kl_logps = self._kl_logps(model, batch) if o.uses_kl else None
         if "ref_logps" in batch and (not o.uses_kl or "ref_kl_logps" in batch):
             ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_kl_logps")
-        else:
+        else:  # before the policy's forward, so that its activations do not wait on the reference's
             if self.reference is None:
                 self.guard.check(model)
             with reference_mode(model, reference_on(self.reference, ids.device)) as ref:
                 ref_logps, _ = completion_logps(ref, ids, mask, completion)
                 ref_kl_logps = self._kl_logps(ref, batch) if o.uses_kl else None
+        kl_logps = self._kl_logps(model, batch) if o.uses_kl else None
+        logps, _ = completion_logps(model, ids, mask, completion)
         losses, rewards, kl = kto_loss(logps, ref_logps, batch["desirable"], kl_logps, ref_kl_logps, beta=o.beta,
                                        desirable_weight=o.desirable_weight, undesirable_weight=o.undesirable_weight,
                                        loss_type=o.loss_type)

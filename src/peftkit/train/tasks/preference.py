@@ -433,10 +433,19 @@ class PreferenceTask(Task):
         """Per-pair losses and what training logs of them (TRL's metric names)."""
         o = self.opts
         ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        reference_free = o.loss_type in ("orpo", "simpo")
+        if not reference_free and "ref_chosen_logps" not in batch:
+            # before the policy's forward, so that its activations do not wait on the reference's
+            if self.reference is None:
+                self.guard.check(model)
+            with reference_mode(model, reference_on(self.reference, ids.device)) as ref:
+                ref_chosen, ref_rejected = completion_logps(ref, ids, mask, completion)[0].chunk(2)
+        elif not reference_free:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         logps, tokens = completion_logps(model, ids, mask, completion)
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
-        if o.loss_type in ("orpo", "simpo"):
+        if reference_free:
             chosen_mean, rejected_mean = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
             if o.loss_type == "orpo":
                 losses, chosen_rewards, rejected_rewards = orpo_loss(chosen_mean, rejected_mean, chosen_nll(chosen, chosen_tokens),
@@ -446,14 +455,6 @@ class PreferenceTask(Task):
                                                                       label_smoothing=o.label_smoothing)
             logged_chosen, logged_rejected = chosen_mean, rejected_mean
         else:
-            if "ref_chosen_logps" in batch:
-                ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-            else:
-                if self.reference is None:
-                    self.guard.check(model)
-                with reference_mode(model, reference_on(self.reference, ids.device)) as ref:
-                    ref_logps, _ = completion_logps(ref, ids, mask, completion)
-                ref_chosen, ref_rejected = ref_logps.chunk(2)
             losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=o.beta,
                                                                 loss_type=o.loss_type, label_smoothing=o.label_smoothing,
                                                                 chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
