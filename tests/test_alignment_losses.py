@@ -269,6 +269,29 @@ def test_completion_logps_from_the_kept_positions_equal_those_of_every_position(
     _close(kept_grads, _grads(model))
 
 
+def test_left_padded_rows_are_scored_at_the_positions_they_were_sampled_at():
+    """GRPO scores prompts left-padded for sampling. With absolute position embeddings
+    (GPT-2) a padded row scored without position ids would be read as shifted right; its
+    log-probabilities equal the unpadded row's, as generate() saw it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]  # prompt then 3 sampled tokens; the second prompt is shorter
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        padded = per_token_logps(model, ids, mask, logits_to_keep=3)
+        for n, r in enumerate(rows):
+            alone = per_token_logps(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long), logits_to_keep=3)
+            torch.testing.assert_close(padded[n], alone[0], atol=TOL, rtol=1e-5)
+        # the shift does matter to this model: read from position 0, the padded row scores otherwise
+        shifted = model(input_ids=ids, attention_mask=mask).logits[1, -4:-1].log_softmax(-1)
+        shifted = shifted.gather(-1, ids[1, -3:].unsqueeze(-1)).squeeze(-1)
+    assert (shifted - padded[1]).abs().max() > 1e-3
+
+
 # -- the reference is the base, with no copy -----------------------------------------------------
 def _storage_ptrs(model) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()} | {b.untyped_storage().data_ptr() for b in model.buffers()}

@@ -1,5 +1,6 @@
 """The sentiment-steering example (examples/preference/steering.py), shortened: every step
-of the experiment runs — data, tokenizer, pre-training, the judge, DPO, GRPO, evaluation —
+of the experiment runs — data, tokenizer, pre-training, the judge, DPO on SST-2 pairs and on
+the writer's own judged samples, GRPO, evaluation —
 with a 0.4 M-parameter writer, a judge trained on 1,024 sentences and a few dozen steps of
 each tuning run. At this size the writer is barely past word frequencies and the judge
 rates nearly every text alike, so the test asks what each stage can show here (pre-training
@@ -53,6 +54,14 @@ def test_steering_shortened(tmp_path):
     dpo = _rows(tmp_path / "dpo" / "metrics.jsonl")
     train_rows = [r for r in dpo if "loss" in r]
     assert train_rows[-1]["rewards/margins"] > train_rows[0]["rewards/margins"]
+
+    # pairs from the writer's own samples, ranked by the judge
+    kept = steering.sampled_pairs(str(tmp_path), per_prompt=4, margin=0.0, seed=0, new_tokens=16, limit=96)
+    sampled = _rows(tmp_path / "pairs_sampled.jsonl") + _rows(tmp_path / "pairs_sampled_val.jsonl")
+    assert 0 < kept == len(sampled) <= 96
+    assert all(p["chosen"].strip() and p["rejected"].strip() and p["chosen"] != p["rejected"] and p["margin"] >= 0 for p in sampled)
+    assert cli_main(["train", str(tmp_path / "dpo_sampled.yaml"), "--quiet", "train.max_steps=6"]) == 0
+    assert [r for r in _rows(tmp_path / "dpo_sampled" / "metrics.jsonl") if "loss" in r]
 
     grpo = ["train", str(tmp_path / "grpo.yaml"), "--quiet", "train.max_steps=30", "train.eval_every=30"]
     assert cli_main(grpo) == 0

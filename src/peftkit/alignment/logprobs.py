@@ -38,12 +38,17 @@ def per_token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     whose forward takes ``logits_to_keep`` (transformers' causal LMs) computes the output
     head on the kept positions only."""
     targets = input_ids[:, 1:]
-    if logits_to_keep is not None and _keeps_logits(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=logits_to_keep + 1).logits[:, :-1]
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if _takes(model, "position_ids"):
+        # counted from each row's first token: a left-padded row (a prompt batch for sampling)
+        # is scored at the positions it was generated at; models with absolute position
+        # embeddings (GPT-2) would otherwise score its tokens as if shifted right
+        inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if logits_to_keep is not None and _takes(model, "logits_to_keep"):
+        logits = model(**inputs, logits_to_keep=logits_to_keep + 1).logits[:, :-1]
         targets = targets[:, -logits_to_keep:]
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        logits = model(**inputs).logits[:, :-1]
         if logits_to_keep is not None:
             logits, targets = logits[:, -logits_to_keep:], targets[:, -logits_to_keep:]
     rows = []
@@ -73,13 +78,13 @@ def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     return (logps * scored[:, -keep:]).sum(-1), scored.sum(-1)
 
 
-def _keeps_logits(model: Any) -> bool:
-    """Whether the causal LM inside ``model`` (a peftkit ``PeftModel``, a data-parallel wrapper
-    or a plain transformers model) takes ``logits_to_keep``."""
+def _takes(model: Any, argument: str) -> bool:
+    """Whether the forward of the causal LM inside ``model`` (a peftkit ``PeftModel``, a
+    data-parallel wrapper or a plain transformers model) takes ``argument``."""
     inner = unwrap(model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return argument in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         return False
 
