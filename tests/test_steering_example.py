@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from peftkit.cli import main as cli_main
 
@@ -62,6 +63,13 @@ def test_steering_shortened(tmp_path):
     assert all(p["chosen"].strip() and p["rejected"].strip() and p["chosen"] != p["rejected"] and p["margin"] >= 0 for p in sampled)
     assert cli_main(["train", str(tmp_path / "dpo_sampled.yaml"), "--quiet", "train.max_steps=6"]) == 0
     assert [r for r in _rows(tmp_path / "dpo_sampled" / "metrics.jsonl") if "loss" in r]
+    # the next round samples from that run's merged model and trains a new LoRA on it
+    assert steering.sampled_pairs(str(tmp_path), per_prompt=4, margin=0.0, seed=1, new_tokens=16, limit=64,
+                                  policy="dpo_sampled") > 0
+    assert (tmp_path / "dpo_sampled" / "merged" / "config.json").is_file()
+    assert cli_main(["train", str(tmp_path / "dpo_sampled_next.yaml"), "--quiet", "train.max_steps=4"]) == 0
+    next_cfg = yaml.safe_load((tmp_path / "dpo_sampled_next" / "config.yaml").read_text())
+    assert next_cfg["model"]["name"] == str(tmp_path / "dpo_sampled" / "merged")
 
     grpo = ["train", str(tmp_path / "grpo.yaml"), "--quiet", "train.max_steps=30", "train.eval_every=30"]
     assert cli_main(grpo) == 0
@@ -70,8 +78,8 @@ def test_steering_shortened(tmp_path):
     assert all({"reward", "reward_std", "kl", "completions/mean_length"} <= set(r) for r in grpo_rows)
     assert all(0.0 <= r["reward"] <= 1.0 and r["completions/mean_length"] > 0 for r in grpo_rows)
 
-    report = steering.evaluate(str(tmp_path), ["dpo", "grpo"], seed=0, new_tokens=16, limit=64)
-    for name in ("reference", "dpo", "grpo"):
+    report = steering.evaluate(str(tmp_path), ["dpo", "grpo", "dpo_sampled_next"], seed=0, new_tokens=16, limit=64)
+    for name in ("reference", "dpo", "grpo", "dpo_sampled_next"):
         row = report[name]
         assert row["samples"] == 64
         assert 0.0 <= row["positive_share"] <= 1.0 and 0.0 <= row["mean_reward"] <= 1.0
